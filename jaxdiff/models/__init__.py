@@ -1,0 +1,33 @@
+"""Backbones (U-Net, DiT) and the size table that names them.
+
+`build_model("dit-s/2", num_classes=10)` returns a Flax module; every model is called as
+`model.apply({"params": p}, x, t, y, train=False)` with x [B, H, W, C], t [B], y [B] int or None.
+"""
+
+import dataclasses
+
+from jaxdiff.models.dit import DiT, DIT_SIZES
+from jaxdiff.models.unet import UNet, UNET_SIZES
+
+# name -> (module class, field values). Explicit dict, no registration by import side effect.
+MODEL_SIZES = {
+    **{name: (DiT, fields) for name, fields in DIT_SIZES.items()},
+    **{name: (UNet, fields) for name, fields in UNET_SIZES.items()},
+}
+
+
+def build_model(name: str, **overrides):
+  """Builds the backbone `name` from the size table, with field overrides (e.g. num_classes=10)."""
+  if name not in MODEL_SIZES:
+    raise ValueError(f"model.name={name!r} is unknown; choose one of {sorted(MODEL_SIZES)}")
+  module_class, fields = MODEL_SIZES[name]
+  allowed = {f.name for f in dataclasses.fields(module_class)} - {"parent", "name"}
+  unknown = sorted(set(overrides) - allowed)
+  if unknown:
+    raise ValueError(
+        f"model field(s) {unknown} do not exist for {name!r} ({module_class.__name__}); "
+        f"allowed: {sorted(allowed)}")
+  return module_class(**{**fields, **overrides})
+
+
+__all__ = ["DiT", "UNet", "MODEL_SIZES", "build_model"]
