@@ -43,6 +43,10 @@ def load_diffusers(path: str, **module_overrides):
   """
   config, state = read_diffusers_folder(path)
   class_name = config.get("_class_name")
+  # Published DiT checkpoints (facebook/DiT-XL-2-256) predate DiTTransformer2DModel and name the
+  # generic class; diffusers itself remaps them the same way.
+  if class_name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero":
+    class_name = "DiTTransformer2DModel"
   if class_name not in _CONVERTERS:
     raise ValueError(
         f"config.json _class_name={class_name!r} is not supported; "
