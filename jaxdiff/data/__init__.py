@@ -1,0 +1,24 @@
+"""Data: TFDS / image folder / offline MNIST -> batches of images in [-1, 1], split per process.
+
+Public API (see docs/contracts.md):
+  `DataConfig`, `DatasetInfo`, `DatasetNotFoundError`, `dataset_info(cfg)`,
+  `make_train_iterator(cfg, *, global_batch_size, seed, process_index, process_count)`,
+  `iterate_dataset(cfg, *, batch_size, split, max_examples)`.
+"""
+from jaxdiff.data.config import DataConfig
+from jaxdiff.data.config import DatasetInfo
+from jaxdiff.data.config import DatasetNotFoundError
+from jaxdiff.data.pipeline import TrainIterator
+from jaxdiff.data.pipeline import dataset_info
+from jaxdiff.data.pipeline import iterate_dataset
+from jaxdiff.data.pipeline import make_train_iterator
+
+__all__ = [
+    "DataConfig",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "TrainIterator",
+    "dataset_info",
+    "iterate_dataset",
+    "make_train_iterator",
+]
