@@ -1,0 +1,150 @@
+"""Base configuration: every field, with what it means. Experiment configs override a few.
+
+Run (any experiment config works the same way; overrides use --config.section.field=value):
+  python -m jaxdiff.train --config=configs/cifar_dit.py --workdir=runs/cifar_dit
+  python -m jaxdiff.train --config=configs/cifar_dit.py:tiny --workdir=/tmp/debug
+
+The argument after ':' is a comma-separated list of variants parsed by `apply_variants`:
+  tiny               a tiny model, batch 8, a few steps (tests, debugging on a laptop)
+  model=NAME         another size from the table, e.g. model=dit-b/2
+  steps=N            train for N steps
+The returned ConfigDict is locked: an override of a field that does not exist is an error.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the full default configuration, with the variants in `arg` applied."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds init, data order, per-step keys and the sample-grid noise.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "dit-s/2"  # Entry of jaxdiff.models.MODEL_SIZES (dit-*/unet-*).
+  config.model.class_conditional = False  # Condition on the dataset's labels (num_classes).
+  config.model.class_dropout_prob = 0.0  # Label dropout for classifier-free guidance (> 0 adds the null label).
+  config.model.learn_sigma = False  # Also predict the variance (2C outputs; adds the VLB term).
+  config.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
+  # Optional size-table overrides; None keeps the table's value. Not every model has every field
+  # (DiT: hidden_size, depth, num_heads, patch_size, remat; U-Net: channels, dropout);
+  # setting one the model lacks is an error.
+  config.model.overrides = ml_collections.ConfigDict()
+  config.model.overrides.hidden_size = ml_collections.FieldReference(None, field_type=int)  # DiT width.
+  config.model.overrides.depth = ml_collections.FieldReference(None, field_type=int)  # DiT blocks.
+  config.model.overrides.num_heads = ml_collections.FieldReference(None, field_type=int)  # DiT heads.
+  config.model.overrides.patch_size = ml_collections.FieldReference(None, field_type=int)  # DiT patch.
+  config.model.overrides.remat = ml_collections.FieldReference(None, field_type=bool)  # DiT: recompute blocks in backward.
+  config.model.overrides.channels = ml_collections.FieldReference(None, field_type=int)  # U-Net width of level 0.
+  config.model.overrides.dropout = ml_collections.FieldReference(None, field_type=float)  # U-Net dropout.
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.schedule = "linear"  # Beta schedule: linear | cosine | scaled_linear.
+  config.diffusion.num_timesteps = 1000  # T; timesteps are 0..T-1.
+  config.diffusion.prediction = "eps"  # Network target: eps | x0 | v.
+  config.diffusion.loss_type = "l2"  # l2 | l1 | huber.
+  config.diffusion.huber_delta = 0.1  # Huber transition point (loss_type=huber only).
+  config.diffusion.weighting = "none"  # Per-timestep loss weight: none | min_snr.
+  config.diffusion.min_snr_gamma = 5.0  # gamma of Min-SNR weighting (weighting=min_snr only).
+  config.diffusion.vlb_weight = 1e-3  # Weight of the VLB term for the learned variance.
+
+  config.data = ml_collections.ConfigDict()  # Mapped field by field onto jaxdiff.data.DataConfig.
+  config.data.source = "mnist_offline"  # tfds | folder | mnist_offline (5,000 digits, no download).
+  config.data.name = ""  # TFDS dataset name (source=tfds), e.g. cifar10, fashion_mnist.
+  config.data.split = "train"  # Split to train on, e.g. train or train[:90%].
+  config.data.data_dir = ""  # TFDS data_dir; "" = TFDS default ($TFDS_DATA_DIR, ~/tensorflow_datasets).
+  config.data.folder = ""  # Root of an image folder, classes from subfolders (source=folder).
+  config.data.image_size = 32  # Side of the square training images.
+  config.data.channels = 0  # 1 or 3; 0 keeps the dataset's own channel count.
+  config.data.fit = "pad"  # Non-square/other sizes: pad (centre, zeros) | resize (and centre-crop).
+  config.data.random_flip = False  # Random horizontal flips (off for digits).
+  config.data.image_key = "image"  # TFDS feature with the image.
+  config.data.label_key = "label"  # TFDS feature with the class label.
+  config.data.download = False  # Prepare a missing TFDS dataset (needs TensorFlow and internet).
+  config.data.num_workers = 0  # grain worker processes (0 = read in the main process).
+  config.data.num_threads = 4  # Reader threads per process.
+  config.data.prefetch = 4  # Batches read ahead per process.
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-4  # Peak learning rate (AdamW).
+  config.optimizer.warmup_steps = 1000  # Linear warmup from 0 to the peak.
+  config.optimizer.decay = "constant"  # After warmup: constant | cosine (to end_lr_fraction * peak).
+  config.optimizer.end_lr_fraction = 0.0  # Final lr as a fraction of the peak (decay=cosine).
+  config.optimizer.b1 = 0.9  # Adam beta1.
+  config.optimizer.b2 = 0.999  # Adam beta2.
+  config.optimizer.eps = 1e-8  # Adam epsilon.
+  config.optimizer.weight_decay = 0.0  # Decoupled weight decay (AdamW).
+  config.optimizer.grad_clip_norm = 1.0  # Clip gradients to this global norm (0 = off).
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 400_000  # Total optimizer steps.
+  config.train.batch_size = 128  # Global batch (all devices and hosts together).
+  config.train.steps_per_dispatch = 1  # Steps per jitted call (lax.scan; fewer host round trips on TPU/GPU, slow on CPU).
+  config.train.ema_decays = (0.9999,)  # EMA decay rates; each keeps a float32 copy of the params.
+  config.train.log_every = 100  # Steps between metric lines (metrics.jsonl, TensorBoard).
+  config.train.sample_every = 10_000  # Steps between sample grids (samples/step_XXXXXX.png); 0 = off.
+  config.train.progress_bar = True  # tqdm bar with ETA on process 0.
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 5000  # Steps between checkpoints (the last step is always saved).
+  config.checkpoint.max_to_keep = 3  # Keep the newest N checkpoints.
+  config.checkpoint.async_save = True  # Write checkpoints in the background.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.fsdp = 1  # Devices per fsdp group (shards params/EMA/moments); the rest are data.
+  config.mesh.fsdp_min_size = 2**14  # Params with fewer elements stay replicated.
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.method = "ddim"  # Sampler for grids during training: ddpm | ddim | dpmpp_2m | heun.
+  config.sample.num_steps = 50  # Sampler steps.
+  config.sample.eta = 0.0  # DDIM eta (0 = deterministic).
+  config.sample.num_images = 64  # Images per grid (labels cycle 0..num_classes-1 if conditional).
+  config.sample.guidance_scale = 0.0  # Classifier-free guidance scale; 0 = no guidance.
+  config.sample.ema_decay = 0.0  # Which EMA params to sample from; 0 = the first of train.ema_decays.
+  config.sample.clip_denoised = True  # Clip predicted x0 to [-1, 1] in each step.
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.fid_every = 0  # Steps between FID evaluations during training; 0 = off.
+  config.eval.num_samples = 10_000  # Samples per FID evaluation.
+  config.eval.inception_weights = ""  # Path to the Inception weights for FID.
+  config.eval.reference_stats = ""  # Path to the reference statistics (.npz) of the dataset.
+
+  apply_variants(config, arg)
+  config.lock()
+  return config
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:
+  """Applies the comma-separated variants of the config argument (see the module docstring)."""
+  for variant in filter(None, (arg or "").split(",")):
+    name, _, value = variant.partition("=")
+    if name == "tiny":
+      _make_tiny(config)
+    elif name == "model" and value:
+      config.model.name = value
+    elif name == "steps" and value:
+      config.train.num_steps = int(value)
+    else:
+      raise ValueError(f"unknown config variant {variant!r}; use tiny, model=NAME or steps=N")
+
+
+def _make_tiny(config: ml_collections.ConfigDict) -> None:
+  """A model and run small enough for a CPU test: seconds per step, a handful of steps."""
+  is_dit = config.model.name.startswith("dit")
+  config.model.name = "dit-tiny" if is_dit else "unet-tiny"
+  if is_dit:
+    config.model.overrides.patch_size = None
+  config.model.dtype = "float32"
+  config.data.image_size = 16
+  config.diffusion.num_timesteps = 100
+  config.optimizer.warmup_steps = 2
+  config.train.num_steps = 8
+  config.train.batch_size = 8
+  config.train.log_every = 2
+  config.train.sample_every = 8
+  config.train.ema_decays = (0.9, 0.99)
+  config.train.progress_bar = False
+  config.checkpoint.every_steps = 4
+  config.checkpoint.max_to_keep = 2
+  config.sample.num_steps = 4
+  config.sample.num_images = 4
+  config.eval.fid_every = 0

@@ -1,0 +1,18 @@
+"""DiT-S/2 on Fashion-MNIST, matched with fashion_mnist_unet.py (only the backbone differs).
+
+  python -m jaxdiff.train --config=configs/fashion_mnist_dit.py --workdir=runs/fmnist_dit
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import fashion_mnist_unet  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg: str | None = None):
+  config = fashion_mnist_unet.fashion_mnist_config()
+  config.model.name = "dit-s/2"
+  base.apply_variants(config, arg)
+  return config

@@ -1,0 +1,305 @@
+"""Validation of the ml_collections config and its conversion to frozen dataclasses.
+
+`parse_config(config_dict)` checks everything that can be checked without devices or data and
+returns a `Config`; `check_run` adds the checks that need the dataset and the device count. Both
+raise `ConfigError` with one line that names the field and the fix, before anything is written.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from jaxdiff.data import DataConfig, DatasetInfo
+from jaxdiff.diffusion import LOSS_TYPES, METHODS, PREDICTIONS, SCHEDULE_NAMES, WEIGHTINGS
+
+MODEL_DTYPES = ("float32", "bfloat16")
+DECAYS = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  name: str
+  class_conditional: bool
+  class_dropout_prob: float
+  learn_sigma: bool
+  dtype: str
+  overrides: Mapping[str, Any]  # size-table fields set in the config (None ones dropped)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+  schedule: str
+  num_timesteps: int
+  prediction: str
+  loss_type: str
+  huber_delta: float
+  weighting: str
+  min_snr_gamma: float
+  vlb_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float
+  warmup_steps: int
+  decay: str
+  end_lr_fraction: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  grad_clip_norm: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  num_steps: int
+  batch_size: int
+  steps_per_dispatch: int
+  ema_decays: tuple[float, ...]
+  log_every: int
+  sample_every: int
+  progress_bar: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int
+  max_to_keep: int
+  async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  fsdp: int
+  fsdp_min_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  method: str
+  num_steps: int
+  eta: float
+  num_images: int
+  guidance_scale: float
+  ema_decay: float  # resolved: always one of train.ema_decays
+  clip_denoised: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  fid_every: int
+  num_samples: int
+  inception_weights: str
+  reference_stats: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  model: ModelConfig
+  diffusion: DiffusionConfig
+  data: DataConfig
+  optimizer: OptimizerConfig
+  train: TrainConfig
+  checkpoint: CheckpointConfig
+  mesh: MeshConfig
+  sample: SampleConfig
+  eval: EvalConfig
+
+
+def _fail(field: str, value: Any, fix: str) -> None:
+  raise ConfigError(f"config.{field}={value!r} is invalid: {fix}")
+
+
+def _check(condition: bool, field: str, value: Any, fix: str) -> None:
+  if not condition:
+    _fail(field, value, fix)
+
+
+def _section(config_dict: ml_collections.ConfigDict, cls, name: str, **resolved):
+  """Builds dataclass `cls` from config section `name` (fields missing there come from `resolved`)."""
+  section = config_dict[name]
+  values = {}
+  for field in dataclasses.fields(cls):
+    if field.name in resolved:
+      values[field.name] = resolved[field.name]
+    elif field.name in section:
+      values[field.name] = section[field.name]
+    else:
+      _fail(f"{name}.{field.name}", None, "missing from the config; start from configs/base.py")
+  return cls(**values)
+
+
+def _data_config(section: ml_collections.ConfigDict) -> DataConfig:
+  values = dict(section)
+  for field in ("data_dir", "folder"):
+    values[field] = values.get(field) or None
+  unknown = sorted(set(values) - {f.name for f in dataclasses.fields(DataConfig)})
+  if unknown:
+    _fail(f"data.{unknown[0]}", values[unknown[0]], "not a jaxdiff.data.DataConfig field")
+  try:
+    return DataConfig(**values)
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f"config.data is invalid: {error}") from None
+
+
+def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
+  """Validates a ConfigDict (see configs/base.py) and converts it to a frozen `Config`.
+
+  Raises:
+    ConfigError: naming the first invalid field.
+  """
+  overrides = {k: v for k, v in config_dict.model.overrides.items() if v is not None}
+  ema_decays = tuple(float(d) for d in config_dict.train.ema_decays)
+  _check(len(ema_decays) > 0 and all(0.0 < d < 1.0 for d in ema_decays), "train.ema_decays",
+         ema_decays, "give one or more decay rates in (0, 1), e.g. (0.9999,)")
+  sample_decay = float(config_dict.sample.ema_decay) or ema_decays[0]
+  config = Config(
+      seed=int(config_dict.seed),
+      model=_section(config_dict, ModelConfig, "model", overrides=overrides),
+      diffusion=_section(config_dict, DiffusionConfig, "diffusion"),
+      data=_data_config(config_dict.data),
+      optimizer=_section(config_dict, OptimizerConfig, "optimizer"),
+      train=_section(config_dict, TrainConfig, "train", ema_decays=ema_decays),
+      checkpoint=_section(config_dict, CheckpointConfig, "checkpoint"),
+      mesh=_section(config_dict, MeshConfig, "mesh"),
+      sample=_section(config_dict, SampleConfig, "sample", ema_decay=sample_decay),
+      eval=_section(config_dict, EvalConfig, "eval"))
+  _check_model(config.model)
+  _check_diffusion(config.diffusion)
+  _check_optimizer(config.optimizer)
+  _check_train(config)
+  _check_sample(config)
+  _check(config.eval.fid_every == 0, "eval.fid_every", config.eval.fid_every,
+         "FID during training is not available yet; set it to 0 and run FID on a checkpoint")
+  return config
+
+
+def _check_model(model: ModelConfig) -> None:
+  from jaxdiff.models import MODEL_SIZES  # pylint: disable=g-import-not-at-top
+  _check(model.name in MODEL_SIZES, "model.name", model.name,
+         f"choose one of {sorted(MODEL_SIZES)}")
+  module_class = MODEL_SIZES[model.name][0]
+  allowed = {f.name for f in dataclasses.fields(module_class)}
+  for field, value in model.overrides.items():
+    _check(field in allowed, f"model.overrides.{field}", value,
+           f"{module_class.__name__} models have no such field; leave it None for {model.name!r}")
+  _check(model.dtype in MODEL_DTYPES, "model.dtype", model.dtype, f"choose one of {MODEL_DTYPES}")
+  _check(0.0 <= model.class_dropout_prob < 1.0, "model.class_dropout_prob",
+         model.class_dropout_prob, "use a probability in [0, 1)")
+
+
+def _check_diffusion(diffusion: DiffusionConfig) -> None:
+  _check(diffusion.schedule in SCHEDULE_NAMES, "diffusion.schedule", diffusion.schedule,
+         f"choose one of {SCHEDULE_NAMES}")
+  _check(diffusion.num_timesteps >= 2, "diffusion.num_timesteps", diffusion.num_timesteps,
+         "use T >= 2 (1000 is standard)")
+  _check(diffusion.prediction in PREDICTIONS, "diffusion.prediction", diffusion.prediction,
+         f"choose one of {PREDICTIONS}")
+  _check(diffusion.loss_type in LOSS_TYPES, "diffusion.loss_type", diffusion.loss_type,
+         f"choose one of {LOSS_TYPES}")
+  _check(diffusion.weighting in WEIGHTINGS, "diffusion.weighting", diffusion.weighting,
+         f"choose one of {WEIGHTINGS}")
+
+
+def _check_optimizer(optimizer: OptimizerConfig) -> None:
+  _check(optimizer.learning_rate > 0, "optimizer.learning_rate", optimizer.learning_rate,
+         "use a positive learning rate")
+  _check(optimizer.warmup_steps >= 0, "optimizer.warmup_steps", optimizer.warmup_steps,
+         "use 0 or more steps")
+  _check(optimizer.decay in DECAYS, "optimizer.decay", optimizer.decay, f"choose one of {DECAYS}")
+  _check(optimizer.grad_clip_norm >= 0, "optimizer.grad_clip_norm", optimizer.grad_clip_norm,
+         "use a positive norm, or 0 to disable clipping")
+
+
+def _check_train(config: Config) -> None:
+  train = config.train
+  _check(train.num_steps >= 1, "train.num_steps", train.num_steps, "train at least one step")
+  _check(train.batch_size >= 1, "train.batch_size", train.batch_size, "use a positive batch")
+  k = train.steps_per_dispatch
+  _check(k >= 1, "train.steps_per_dispatch", k, "use 1 or more steps per dispatch")
+  for field, value in (("train.num_steps", train.num_steps), ("train.log_every", train.log_every),
+                       ("train.sample_every", train.sample_every),
+                       ("checkpoint.every_steps", config.checkpoint.every_steps)):
+    _check(value >= 0 and value % k == 0, field, value,
+           f"use a multiple of train.steps_per_dispatch={k}")
+  _check(train.log_every >= 1, "train.log_every", train.log_every, "log at least every N >= 1 steps")
+  _check(config.checkpoint.every_steps >= 1, "checkpoint.every_steps",
+         config.checkpoint.every_steps, "save at least every N >= 1 steps")
+  _check(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
+         config.checkpoint.max_to_keep, "keep at least one checkpoint")
+  _check(config.mesh.fsdp >= 1, "mesh.fsdp", config.mesh.fsdp, "use 1 (data parallel) or more")
+
+
+def _check_sample(config: Config) -> None:
+  sample = config.sample
+  _check(sample.method in METHODS, "sample.method", sample.method, f"choose one of {METHODS}")
+  _check(1 <= sample.num_steps <= config.diffusion.num_timesteps, "sample.num_steps",
+         sample.num_steps, f"use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}")
+  _check(sample.num_images >= 1, "sample.num_images", sample.num_images, "use 1 or more")
+  _check(sample.ema_decay in config.train.ema_decays, "sample.ema_decay", sample.ema_decay,
+         f"use 0 or one of train.ema_decays={config.train.ema_decays}")
+  _check(sample.guidance_scale >= 0, "sample.guidance_scale", sample.guidance_scale,
+         "use 0 (off) or a positive scale")
+  if sample.guidance_scale > 0:
+    _check(config.model.class_conditional and config.model.class_dropout_prob > 0,
+           "sample.guidance_scale", sample.guidance_scale,
+           "guidance needs model.class_conditional=True and model.class_dropout_prob > 0")
+
+
+def model_fields(model: ModelConfig, info: DatasetInfo) -> dict[str, Any]:
+  """Keyword arguments of `jaxdiff.models.build_model(model.name, **fields)`."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return dict(model.overrides, num_classes=info.num_classes if model.class_conditional else 0,
+              class_dropout_prob=model.class_dropout_prob if model.class_conditional else 0.0,
+              learn_sigma=model.learn_sigma, dtype=getattr(jnp, model.dtype),
+              param_dtype=jnp.float32)
+
+
+def check_run(config: Config, info: DatasetInfo, num_devices: int, process_count: int) -> None:
+  """Checks the config against the dataset and the devices (raises ConfigError)."""
+  batch = config.train.batch_size
+  _check(batch % num_devices == 0, "train.batch_size", batch,
+         f"the global batch must be divisible by the device count {num_devices}")
+  _check(batch % process_count == 0, "train.batch_size", batch,
+         f"the global batch must be divisible by the process count {process_count}")
+  _check(num_devices % config.mesh.fsdp == 0, "mesh.fsdp", config.mesh.fsdp,
+         f"must divide the device count {num_devices}")
+  if config.model.class_conditional:
+    _check(info.num_classes > 0, "model.class_conditional", True,
+           f"dataset {config.data.name or config.data.source!r} has no labels; set it to False")
+  check_model_fits(config.model, info)
+
+
+def check_model_fits(model: ModelConfig, info: DatasetInfo) -> None:
+  """Checks that the model accepts the dataset's image size (patches, U-Net downsampling)."""
+  from jaxdiff.models import MODEL_SIZES  # pylint: disable=g-import-not-at-top
+  fields = {**MODEL_SIZES[model.name][1], **model.overrides}
+  size = info.image_size
+  if "patch_size" in fields:
+    patch = fields["patch_size"]
+    _check(size % patch == 0, "data.image_size", size,
+           f"must be divisible by the patch size {patch} of model {model.name!r}")
+  if "channel_mult" in fields:
+    factor = 2 ** (len(fields["channel_mult"]) - 1)
+    _check(size % factor == 0, "data.image_size", size,
+           f"must be divisible by {factor} (the downsampling of model {model.name!r})")
+
+
+def to_dict(config_dict: ml_collections.ConfigDict) -> dict[str, Any]:
+  """JSON-able dict of a ConfigDict (tuples become lists)."""
+  return _jsonable(config_dict.to_dict())
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value

@@ -1,0 +1,103 @@
+"""Trains a diffusion model: `python -m jaxdiff.train --config=configs/X.py --workdir=DIR`.
+
+Overrides: `--config.train.batch_size=64` (an unknown key is an error); variants after a colon:
+`--config=configs/cifar_dit.py:tiny`. Re-running the same command resumes from the latest
+checkpoint in DIR.
+
+Several hosts (TPU VM pods, GPU clusters): start the same command on every host with either
+  --distributed                        (auto-detection: TPU pods, SLURM, Open MPI, or the
+                                        JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
+                                        environment variables), or
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I   (explicit).
+On CPU, processes communicate through gloo.
+
+Exit status: 0 done; 2 a problem that was reported on one line (`error: ...`: bad config or
+flag, missing dataset, unusable checkpoint, NaN loss) and left the workdir's checkpoints
+untouched; 143 stopped by SIGTERM after saving a checkpoint (run again to resume).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/cifar_dit.py or configs/cifar_dit.py:tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for an explicit multi-process launch.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+
+EXIT_ERROR = 2
+EXIT_PREEMPTED = 143
+
+
+def _fail(message: str, status: int = EXIT_ERROR) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad flag, config file or override on one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    # config_flags raises KeyError/AttributeError/ValueError for a bad override or config file.
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    lines = text.strip().splitlines()
+    if any(line.startswith("Traceback") for line in lines):  # an error inside the config file
+      text = f"{lines[0].split(': Error whilst')[0]}: {lines[-1].strip()}"
+    _fail(f"bad flag or config override: {' '.join(text.split()) or repr(error)}")
+  return []
+
+
+def initialize_distributed() -> None:
+  """Joins the other processes when launched on several hosts (see the module docstring)."""
+  explicit = _COORDINATOR.value is not None
+  if not (explicit or _DISTRIBUTED.value or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  else:
+    jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; use --config=FILE --workdir=DIR")
+  if _CONFIG.value is None:
+    _fail("--config is required, e.g. --config=configs/mnist_offline.py")
+  if not _WORKDIR.value:
+    _fail("--workdir is required, e.g. --workdir=runs/mnist")
+  if not flags.FLAGS["verbosity"].present:
+    # Library logs (orbax logs every save, TFDS warns about metadata, orbax logs the file behind
+    # a failed restore) would bury the progress bar and our one-line errors; --verbosity=-1 (or 0)
+    # shows them again.
+    logging.set_verbosity(logging.FATAL)
+  initialize_distributed()
+  # Imported here so that flag errors are reported without importing JAX.
+  from jaxdiff.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from jaxdiff.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  try:
+    loop.train(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DatasetNotFoundError, checkpoint.CheckpointError,
+          loop.TrainingError) as error:
+    _fail(str(error))
+  except loop.Preempted as preempted:
+    print(f"jaxdiff.train: {preempted}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,215 @@
+"""Orbax checkpoints: save, restore onto any mesh, refuse incompatible or unreadable ones.
+
+A checkpoint step under `WORKDIR/checkpoints/<step>` holds three items:
+  "state"  the TrainState pytree (params, EMA params, optimizer state, step),
+  "data"   the data iterator position (JSON),
+  "config" the resolved config (JSON): the full ConfigDict, the dataset description and the
+           model signature used to refuse a checkpoint written for another model.
+Orbax writes each step into a temporary directory and renames it when complete, so a crash
+mid-save leaves the previous checkpoints intact. Nothing here deletes or rewrites an existing
+step: an unreadable latest checkpoint is reported, not replaced.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from jaxdiff.config import Config, CheckpointConfig, ConfigError, parse_config, to_dict
+from jaxdiff.data import DatasetInfo
+from jaxdiff.train import sharding as sharding_lib
+from jaxdiff.train import state as state_lib
+
+# Model fields that change the computation but not the parameters; they may differ on resume.
+_NON_STRUCTURAL = ("overrides.remat", "overrides.dropout", "dtype")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used (unreadable, or written for another model)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def open_manager(workdir: str, config: CheckpointConfig | None = None, *,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """Opens (and, unless `read_only`, creates) the checkpoint directory of `workdir`.
+
+  Args:
+    workdir: the run directory.
+    config: keep-last-N and async options; None for reading only.
+    read_only: never create, save or delete anything.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.max_to_keep if config else None,
+      enable_async_checkpointing=bool(config and config.async_save),
+      create=not read_only, read_only=read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=("state", "data", "config"))
+
+
+def resolved_config(config_dict: ml_collections.ConfigDict, config: Config,
+                    info: DatasetInfo) -> dict[str, Any]:
+  """The JSON stored with each checkpoint."""
+  return {"config": to_dict(config_dict), "dataset": dataclasses.asdict(info),
+          "signature": model_signature(config, info)}
+
+
+def model_signature(config: Config, info: DatasetInfo) -> dict[str, Any]:
+  """Fields that must match for a checkpoint's state to fit this run's model."""
+  signature = {
+      "model.name": config.model.name,
+      "model.class_conditional": config.model.class_conditional,
+      "model.class_dropout_prob > 0": config.model.class_dropout_prob > 0,
+      "model.learn_sigma": config.model.learn_sigma,
+      "data.image_size": info.image_size,
+      "data.channels": info.channels,
+      "dataset num_classes": info.num_classes if config.model.class_conditional else 0,
+      "train.ema_decays": list(config.train.ema_decays),
+  }
+  for field, value in sorted(config.model.overrides.items()):
+    if f"overrides.{field}" not in _NON_STRUCTURAL:
+      signature[f"model.overrides.{field}"] = value
+  return signature
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+  """Raises CheckpointError naming every signature field that differs."""
+  saved_signature = saved.get("signature", {})
+  current_signature = current["signature"]
+  keys = sorted(set(saved_signature) | set(current_signature))
+  differences = [f"{key}={saved_signature.get(key)!r} there vs {current_signature.get(key)!r} here"
+                 for key in keys if saved_signature.get(key) != current_signature.get(key)]
+  if differences:
+    raise CheckpointError(
+        f"{where} was written for a different model ({'; '.join(differences)}); "
+        "use the config it was trained with, or a new --workdir")
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: state_lib.TrainState,
+         data_state: dict[str, Any], resolved: dict[str, Any], *, force: bool = False) -> bool:
+  """Starts saving (asynchronously if configured) step `step`; returns whether it saves."""
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+      config=ocp.args.JsonSave(resolved)), force=force)
+
+
+def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointError:
+  earlier = [s for s in manager.all_steps() if s < step]
+  hint = (f"move it aside (mv {_step_path(manager, step)} {_step_path(manager, step)}.bad) to "
+          f"resume from step {max(earlier)}" if earlier else "move it aside to start afresh")
+  reason = (str(error).strip().splitlines() or [""])[0][:200]
+  return CheckpointError(
+      f"checkpoint step {step} at {_step_path(manager, step)} is unreadable "
+      f"({type(error).__name__}: {reason}); it was left untouched: {hint}")
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The resolved-config JSON of a step (CheckpointError if unreadable)."""
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    saved = restored["config"]
+    if not isinstance(saved, dict) or "config" not in saved:
+      raise ValueError("the config item is not a jaxdiff resolved config")
+    return saved
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    raise _unreadable(manager, step, error) from None
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            current: dict[str, Any] | None) -> tuple[state_lib.TrainState, dict[str, Any]]:
+  """Restores step `step` onto the shardings of `abstract_state`.
+
+  Args:
+    manager: the checkpoint manager.
+    step: step to restore.
+    abstract_state: TrainState of `jax.ShapeDtypeStruct`s with `.sharding` set (the current mesh),
+      so a checkpoint written on any device count is resharded on load.
+    current: this run's resolved config, checked against the saved one (None skips the check).
+
+  Returns:
+    (state, data iterator state).
+
+  Raises:
+    CheckpointError: incompatible config, or unreadable files.
+  """
+  saved = read_config(manager, step)
+  if current is not None:
+    check_compatible(saved, current, f"checkpoint step {step} at {_step_path(manager, step)}")
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    if int(jax.device_get(state.step)) != step:
+      raise ValueError(f"the state inside holds step {int(state.step)}")
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    raise _unreadable(manager, step, error) from None
+  return state, restored["data"]
+
+
+def abstract_state(config: Config, info: DatasetInfo, shardings_fn=None):
+  """(model, tx, lr schedule, abstract TrainState) of a config, without allocating anything.
+
+  Args:
+    config: parsed config.
+    info: dataset description.
+    shardings_fn: abstract state -> shardings pytree; attached to the abstract leaves if given.
+  """
+  model = state_lib.make_model(config, info)
+  tx, lr_schedule = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  init = state_lib.init_params_fn(model, info.image_size, info.channels,
+                                  config.model.class_conditional)
+  shapes = jax.eval_shape(
+      lambda key: state_lib.create_state(init, tx, config.train.ema_decays, key),
+      jax.random.key(0))
+  if shardings_fn is not None:
+    shardings = shardings_fn(shapes)
+    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return model, tx, lr_schedule, shapes
+
+
+def restore_for_inference(workdir: str, step: int | None = None):
+  """Loads a training checkpoint for sampling, replicated on every device.
+
+  Args:
+    workdir: the training run's directory (the one given as --workdir).
+    step: checkpoint step; None for the latest.
+
+  Returns:
+    (config, model, params, ema_params): the parsed `Config` (with `data.channels` resolved to
+    the dataset's), the Flax module, the raw params and {decay (float): EMA params}.
+
+  Raises:
+    CheckpointError: no checkpoint, or unreadable.
+  """
+  manager = open_manager(workdir, read_only=True)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise CheckpointError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
+                            f"{checkpoint_dir(workdir)}; available: {list(manager.all_steps())}")
+    saved = read_config(manager, step)
+    try:
+      config = parse_config(ml_collections.ConfigDict(saved["config"]))
+    except ConfigError as error:
+      raise CheckpointError(f"checkpoint step {step} has an invalid config: {error}") from None
+    info = DatasetInfo(**saved["dataset"])
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                  channels=info.channels))
+    replicated = sharding_lib.replicated(sharding_lib.make_mesh(1))
+    model, _, _, shapes = abstract_state(
+        config, info, lambda tree: jax.tree.map(lambda _: replicated, tree))
+    state, _ = restore(manager, step, shapes, None)
+  finally:
+    manager.close()
+  ema = {decay: state.ema_params[state_lib.ema_key(decay)] for decay in config.train.ema_decays}
+  return config, model, state.params, ema

@@ -1,0 +1,120 @@
+"""Train state (params, EMA params, optimizer state, step) and the optimizer that updates it.
+
+The state holds arrays only; the model's `apply` and the optax transformation are passed to the
+step function separately, so the whole state is one checkpointable pytree.
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdiff.config import OptimizerConfig, model_fields
+from jaxdiff.models import build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training.
+
+  Attributes:
+    step: int32 scalar, number of optimizer steps taken.
+    params: float32 model parameters.
+    ema_params: {ema_key(decay): float32 params}, one exponential moving average per decay.
+    opt_state: optax state (float32 moments).
+  """
+  step: jax.Array
+  params: Any
+  ema_params: dict[str, Any]
+  opt_state: Any
+
+
+def ema_key(decay: float) -> str:
+  """Name of an EMA copy in the state, e.g. 0.9999 -> "ema_0p9999" (no '.', which checkpoint
+  paths use as a separator)."""
+  return "ema_" + repr(float(decay)).replace(".", "p")
+
+
+def learning_rate_schedule(config: OptimizerConfig, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then constant or cosine decay to the end of training.
+
+  Args:
+    config: optimizer section of the config.
+    num_steps: total training steps (the cosine reaches its end value there).
+
+  Returns:
+    step -> learning rate.
+  """
+  warmup = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
+  if config.decay == "cosine":
+    after = optax.cosine_decay_schedule(
+        config.learning_rate, max(num_steps - config.warmup_steps, 1),
+        alpha=config.end_lr_fraction)
+  else:
+    after = optax.constant_schedule(config.learning_rate)
+  return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def make_optimizer(config: OptimizerConfig, num_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warmup (and optional cosine decay) after global-norm gradient clipping.
+
+  Returns:
+    (transformation, learning-rate schedule) — the schedule is also logged.
+  """
+  schedule = learning_rate_schedule(config, num_steps)
+  adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                      weight_decay=config.weight_decay)
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
+  return adamw, schedule
+
+
+def create_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                 ema_decays: Sequence[float], key: jax.Array) -> TrainState:
+  """Initial state: fresh params, EMA copies equal to them, zero optimizer moments.
+
+  Args:
+    init_params: key -> params pytree (e.g. `lambda k: model.init(k, ...)["params"]`).
+    tx: the optimizer.
+    ema_decays: one EMA copy per decay rate.
+    key: init key.
+
+  Returns:
+    TrainState at step 0; params, EMA and moments are float32.
+  """
+  params = jax.tree.map(lambda p: p.astype(jnp.float32), init_params(key))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params={ema_key(d): jax.tree.map(jnp.copy, params) for d in ema_decays},
+      opt_state=tx.init(params))
+
+
+def update_ema(ema_params: dict[str, Any], params: Any, ema_decays: Sequence[float]
+               ) -> dict[str, Any]:
+  """ema <- d * ema + (1 - d) * params, in float32, for each decay d."""
+  new = {}
+  for decay in ema_decays:
+    key = ema_key(decay)
+    new[key] = jax.tree.map(
+        lambda e, p, d=decay: d * e + (1.0 - d) * p.astype(jnp.float32), ema_params[key], params)
+  return new
+
+
+def init_params_fn(model, image_size: int, channels: int, conditional: bool
+                   ) -> Callable[[jax.Array], Any]:
+  """key -> freshly initialised params of `model` for [image_size, image_size, channels] images."""
+  def init(key):
+    x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if conditional else None
+    return model.init({"params": key, "dropout": key}, x, t, y, train=False)["params"]
+  return init
+
+
+def make_model(config, info):
+  """The Flax module of `config` (a jaxdiff.config.Config) for the dataset `info`."""
+  return build_model(config.model.name, **model_fields(config.model, info))

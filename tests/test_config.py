@@ -1,0 +1,139 @@
+"""Tests for configs/ and jaxdiff.config: every config parses, recipes match the papers, and bad
+values are refused with a message that names the field."""
+
+import importlib.util
+import os
+
+import ml_collections
+import pytest
+
+from jaxdiff import config as config_lib
+from jaxdiff.data import DatasetInfo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = ("base", "cifar_dit", "cifar_unet", "fashion_mnist_unet", "fashion_mnist_dit",
+               "mnist_offline")
+
+
+def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"test_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_every_config_parses(name, arg):
+  parsed = config_lib.parse_config(load(name, arg))
+  assert parsed.train.num_steps % parsed.train.steps_per_dispatch == 0
+  if arg == "tiny":
+    assert parsed.model.name in ("dit-tiny", "unet-tiny")
+    assert parsed.train.batch_size == 8 and parsed.train.num_steps <= 16
+
+
+def test_configs_are_locked():
+  config = load("cifar_dit")
+  with pytest.raises(AttributeError):
+    config.modle = 1
+  with pytest.raises(AttributeError):
+    config.model.depht = 4
+
+
+def test_every_base_field_has_a_comment():
+  with open(os.path.join(REPO, "configs", "base.py"), encoding="utf-8") as f:
+    body = f.read().split("def apply_variants")[0]  # get_config, where the fields are defined
+  lines = [line for line in body.splitlines()
+           if line.strip().startswith("config.") and " = " in line]
+  assert len(lines) > 60
+  uncommented = [line.strip() for line in lines if "#" not in line and "ConfigDict()" not in line]
+  assert not uncommented
+
+
+def test_cifar_unet_is_the_ddpm_recipe():
+  # Ho et al. 2020, Appendix B: linear betas 1e-4 -> 0.02, T=1000, lr 2e-4, batch 128,
+  # EMA 0.9999, dropout 0.1 on CIFAR-10.
+  c = config_lib.parse_config(load("cifar_unet"))
+  assert (c.diffusion.schedule, c.diffusion.num_timesteps) == ("linear", 1000)
+  assert (c.optimizer.learning_rate, c.train.batch_size) == (2e-4, 128)
+  assert c.train.ema_decays == (0.9999,)
+  assert c.model.name == "unet-ddpm-cifar10" and c.model.overrides["dropout"] == 0.1
+  assert (c.data.source, c.data.name) == ("tfds", "cifar10")
+
+
+def test_cifar_dit_is_class_conditional_with_label_dropout():
+  c = config_lib.parse_config(load("cifar_dit"))
+  assert c.model.name == "dit-s/2" and c.model.class_conditional
+  assert c.model.class_dropout_prob == 0.1 and c.sample.guidance_scale > 0
+
+
+def test_fashion_mnist_configs_differ_only_in_the_backbone():
+  unet = load("fashion_mnist_unet").to_dict()
+  dit = load("fashion_mnist_dit").to_dict()
+  assert unet["model"].pop("name") == "unet-small"
+  assert dit["model"].pop("name") == "dit-s/2"
+  assert unet == dit
+
+
+def test_variants():
+  c = config_lib.parse_config(load("cifar_dit", "model=dit-b/2,steps=10"))
+  assert c.model.name == "dit-b/2" and c.train.num_steps == 10
+  with pytest.raises(ValueError, match="unknown config variant"):
+    load("cifar_dit", "huge")
+
+
+def _parse_with(name="base", **overrides):
+  config = load(name, "tiny")
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split("__")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config_lib.parse_config(config)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(model__name="dit-huge"), "model.name"),
+    (dict(model__dtype="float16"), "model.dtype"),
+    (dict(model__overrides__dropout=0.1), "model.overrides.dropout"),  # a DiT has no dropout
+    (dict(diffusion__prediction="score"), "diffusion.prediction"),
+    (dict(optimizer__learning_rate=0.0), "optimizer.learning_rate"),
+    (dict(train__ema_decays=(1.5,)), "train.ema_decays"),
+    (dict(train__steps_per_dispatch=3), "train.num_steps"),
+    (dict(sample__guidance_scale=2.0), "sample.guidance_scale"),  # unconditional model
+    (dict(sample__ema_decay=0.5), "sample.ema_decay"),
+    (dict(data__source="imagenet"), "config.data"),
+    (dict(eval__fid_every=100), "eval.fid_every"),
+])
+def test_bad_values_name_the_field(overrides, field):
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+    _parse_with(**overrides)
+
+
+def test_check_run_refuses_bad_batch_patch_and_labels():
+  info = DatasetInfo(image_size=16, channels=1, num_classes=10, num_examples=100)
+  parsed = _parse_with()
+  config_lib.check_run(parsed, info, num_devices=4, process_count=1)
+  with pytest.raises(config_lib.ConfigError, match=r"train\.batch_size=8.*device count 3"):
+    config_lib.check_run(parsed, info, num_devices=3, process_count=1)
+  with pytest.raises(config_lib.ConfigError, match=r"mesh\.fsdp=3"):
+    config_lib.check_run(_parse_with(mesh__fsdp=3), info, num_devices=4, process_count=1)
+  odd = DatasetInfo(image_size=15, channels=1, num_classes=10, num_examples=100)
+  with pytest.raises(config_lib.ConfigError, match=r"data\.image_size=15.*patch size 2"):
+    config_lib.check_run(parsed, odd, num_devices=1, process_count=1)
+  unlabelled = DatasetInfo(image_size=16, channels=1, num_classes=0, num_examples=100)
+  conditional = _parse_with(model__class_conditional=True)
+  with pytest.raises(config_lib.ConfigError, match=r"model\.class_conditional"):
+    config_lib.check_run(conditional, unlabelled, num_devices=1, process_count=1)
+
+
+def test_model_fields_follow_the_dataset():
+  info = DatasetInfo(image_size=16, channels=3, num_classes=10, num_examples=100)
+  conditional = _parse_with(model__class_conditional=True, model__class_dropout_prob=0.1)
+  fields = config_lib.model_fields(conditional.model, info)
+  assert fields["num_classes"] == 10 and fields["class_dropout_prob"] == 0.1
+  unconditional = _parse_with(model__class_dropout_prob=0.1)
+  fields = config_lib.model_fields(unconditional.model, info)
+  assert fields["num_classes"] == 0 and fields["class_dropout_prob"] == 0.0
