@@ -6,7 +6,7 @@ Run (any experiment config works the same way; overrides use --config.section.fi
 
 The argument after ':' is a comma-separated list of variants parsed by `apply_variants`:
   tiny               a tiny model, batch 8, a few steps (tests, debugging on a laptop)
-  model=NAME         another size from the table, e.g. model=dit-b/2
+  model=NAME         another size from the table, e.g. model=dit-b/2 (clears model.overrides)
   steps=N            train for N steps
 The returned ConfigDict is locked: an override of a field that does not exist is an error.
 """
@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.num_steps = 50  # Sampler steps.
   config.sample.eta = 0.0  # DDIM eta (0 = deterministic).
   config.sample.num_images = 64  # Images per grid (labels cycle 0..num_classes-1 if conditional).
-  config.sample.guidance_scale = 0.0  # Classifier-free guidance scale; 0 = no guidance.
+  config.sample.guidance_scale = 1.0  # Classifier-free guidance uncond + s * (cond - uncond); 1 = off.
   config.sample.ema_decay = 0.0  # Which EMA params to sample from; 0 = the first of train.ema_decays.
   config.sample.clip_denoised = True  # Clip predicted x0 to [-1, 1] in each step.
 
@@ -121,6 +121,8 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:
       _make_tiny(config)
     elif name == "model" and value:
       config.model.name = value
+      for field in config.model.overrides:  # Overrides were sized for the previous model.
+        config.model.overrides[field] = None
     elif name == "steps" and value:
       config.train.num_steps = int(value)
     else:

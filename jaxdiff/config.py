@@ -246,8 +246,8 @@ def _check_sample(config: Config) -> None:
   _check(sample.ema_decay in config.train.ema_decays, "sample.ema_decay", sample.ema_decay,
          f"use 0 or one of train.ema_decays={config.train.ema_decays}")
   _check(sample.guidance_scale >= 0, "sample.guidance_scale", sample.guidance_scale,
-         "use 0 (off) or a positive scale")
-  if sample.guidance_scale > 0:
+         "use 1 (off: the plain conditional model) or another non-negative scale")
+  if sample.guidance_scale != 1.0:
     _check(config.model.class_conditional and config.model.class_dropout_prob > 0,
            "sample.guidance_scale", sample.guidance_scale,
            "guidance needs model.class_conditional=True and model.class_dropout_prob > 0")

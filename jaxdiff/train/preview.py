@@ -38,7 +38,7 @@ def make_preview_fn(model, schedule: Schedule, config: Config, info: DatasetInfo
   shape = (info.image_size, info.image_size, info.channels)
   conditional = config.model.class_conditional
   labels = jnp.asarray(grid_labels(n, info.num_classes))
-  guidance = cfg.guidance_scale if cfg.guidance_scale > 0 else None
+  guidance = None if cfg.guidance_scale == 1.0 else cfg.guidance_scale
 
   def generate(params):
     example_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
