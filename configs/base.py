@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.learn_sigma = False  # Also predict the variance (2C outputs; adds the VLB term).
   config.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
   # Optional size-table overrides; None keeps the table's value. Not every model has every field
-  # (DiT: hidden_size, depth, num_heads, patch_size, remat; U-Net: channels, dropout);
+  # (DiT: hidden_size, depth, num_heads, patch_size, remat, scan_blocks; U-Net: channels, dropout);
   # setting one the model lacks is an error.
   config.model.overrides = ml_collections.ConfigDict()
   config.model.overrides.hidden_size = ml_collections.FieldReference(None, field_type=int)  # DiT width.
@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.overrides.num_heads = ml_collections.FieldReference(None, field_type=int)  # DiT heads.
   config.model.overrides.patch_size = ml_collections.FieldReference(None, field_type=int)  # DiT patch.
   config.model.overrides.remat = ml_collections.FieldReference(None, field_type=bool)  # DiT: recompute blocks in backward.
+  config.model.overrides.scan_blocks = ml_collections.FieldReference(None, field_type=bool)  # DiT: nn.scan over blocks (faster compile).
   config.model.overrides.channels = ml_collections.FieldReference(None, field_type=int)  # U-Net width of level 0.
   config.model.overrides.dropout = ml_collections.FieldReference(None, field_type=float)  # U-Net dropout.
 

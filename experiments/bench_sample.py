@@ -1,0 +1,171 @@
+"""Sampling speed: DDIM and DPM-Solver++ images/s at several batch sizes, against PyTorch.
+
+For each model, batch size and sampler, times one jitted `jaxdiff.diffusion.sample` call (the whole
+reverse process is one `lax.scan`) and, as its baseline, bare forward passes in one jitted
+`lax.scan` of the model alone (on CPU 10 of them, scaled to the sampler's count); the sampler's
+overhead is `sampler time / forward-pass time - 1`. With --torch, the same architecture in diffusers sampled
+by diffusers' DDIMScheduler / DPMSolverMultistepScheduler (eager loop), and its bare forwards.
+
+  python experiments/bench_sample.py --models=dit-s/2 --batch_sizes=4,16 \
+      --out=experiments/results/sample_dit-s2_cpu.json
+
+Models are randomly initialised: speed does not depend on the weights.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from experiments import common, train_setup  # noqa: E402
+from jaxdiff import diffusion  # noqa: E402
+from jaxdiff.models import build_model  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["dit-s/2", "unet-ddpm-cifar10"], "Models to sample from.")
+flags.DEFINE_list("samplers", ["ddim:50", "dpmpp_2m:20"], "method:steps pairs.")
+flags.DEFINE_list("batch_sizes", [], "Batch sizes; empty = 2,8 on CPU, 64,256 elsewhere.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_integer("warmup", -1, "Untimed runs after compilation; -1 = 0 on CPU, 1 elsewhere.")
+flags.DEFINE_integer("iters", 0, "Timed runs (median reported); 0 = 1 on CPU, 5 elsewhere.")
+flags.DEFINE_integer("forward_evals", -1,
+                     "Bare forward passes timed for the baseline, scaled to the sampler's count; "
+                     "-1 = 10 on CPU, the sampler's own count elsewhere.")
+flags.DEFINE_bool("torch", True, "Also time the diffusers reference sampler.")
+flags.DEFINE_string("out", "experiments/results/bench_sample.json", "JSON output path.")
+
+COLUMNS = [("model", "model", ""), ("sampler", "sampler", ""), ("batch", "batch", "d"),
+           ("compile_s", "compile (s)", ".1f"), ("sample_s", "sample (s)", ".2f"),
+           ("images_per_s", "img/s", ".2f"), ("overhead", "overhead vs fwd", ".1%"),
+           ("torch_images_per_s", "torch img/s", ".2f"),
+           ("torch_overhead", "torch overhead", ".1%"), ("speedup", "jax/torch", ".2f")]
+
+
+def _settings() -> tuple[list[int], int, int]:
+  on_cpu = jax.devices()[0].platform == "cpu"
+  batches = [int(b) for b in FLAGS.batch_sizes] or ([2, 8] if on_cpu else [64, 256])
+  warmup = FLAGS.warmup if FLAGS.warmup >= 0 else (0 if on_cpu else 1)
+  iters = FLAGS.iters or (1 if on_cpu else 5)
+  return batches, warmup, iters
+
+
+def model_and_params(model_name: str):
+  """A randomly initialised model at 32x32x3 (class-conditional for DiTs) and its params."""
+  conditional = train_setup.is_class_conditional(model_name)
+  model = build_model(model_name, num_classes=10 if conditional else 0,
+                      class_dropout_prob=0.1 if conditional else 0.0,
+                      dtype=getattr(jnp, FLAGS.dtype))
+  init = jax.jit(lambda key: model.init(
+      key, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1,), jnp.int32) if conditional else None)["params"])
+  return model, init(jax.random.key(0)), conditional
+
+
+def number_of_evaluations(method: str, num_steps: int) -> int:
+  """Network evaluations per sample: one per step for DDIM and DPM-Solver++ 2M."""
+  return 2 * num_steps - 1 if method == "heun" else num_steps
+
+
+def baseline_evaluations(evaluations: int) -> int:
+  """How many bare forward passes to time (the result is scaled to `evaluations`)."""
+  if FLAGS.forward_evals > 0:
+    return min(FLAGS.forward_evals, evaluations)
+  return min(10, evaluations) if jax.devices()[0].platform == "cpu" else evaluations
+
+
+def bench_jax(model_name: str, method: str, num_steps: int, batch: int, warmup: int,
+              iters: int) -> dict:
+  """Times the jitted sampler and a scan of the same number of bare forward passes."""
+  model, params, conditional = model_and_params(model_name)
+  schedule = diffusion.make_schedule("linear", 1000)
+  key_x, key_y = jax.random.split(jax.random.key(1))
+  x_T = jax.random.normal(key_x, (batch, 32, 32, 3))
+  labels = jax.random.randint(key_y, (batch,), 0, 10) if conditional else None
+
+  def model_fn(p, x, t):
+    return model.apply({"params": p}, x, t, labels)
+
+  def sample(p, x, key):
+    return diffusion.sample(lambda x_t, t: model_fn(p, x_t, t), schedule, x, key,
+                            method=method, num_steps=num_steps)
+
+  evaluations = number_of_evaluations(method, num_steps)
+  timed_evaluations = baseline_evaluations(evaluations)
+
+  def forwards(p, x, key):
+    del key
+    steps = jnp.linspace(999, 0, timed_evaluations).astype(jnp.int32)
+    body = lambda x_t, t: (model_fn(p, x_t, jnp.full((batch,), t)), None)
+    return jax.lax.scan(body, x, steps)[0]
+
+  args = (params, x_T, jax.random.key(2))
+  record = {"model": model_name, "sampler": f"{method}:{num_steps}", "batch": batch,
+            "dtype": FLAGS.dtype}
+  for name, fn in (("sample", sample), ("forwards", forwards)):
+    compiled, compile_times = common.compile_timed(fn, *args)
+    timing = common.time_calls(lambda c=compiled: c(*args), warmup=warmup, iters=iters)
+    record.update({f"{name}_compile_s": compile_times["lower_and_compile_s"],
+                   f"{name}_s": timing["median_s"], f"{name}_timing": timing})
+  record["compile_s"] = record.pop("sample_compile_s")
+  record["forwards_timed"] = timed_evaluations
+  record["forwards_s"] *= evaluations / timed_evaluations  # scaled to the sampler's count
+  record["images_per_s"] = batch / record["sample_s"]
+  record["overhead"] = record["sample_s"] / record["forwards_s"] - 1
+  record["gflops_per_image_per_eval"] = train_setup.forward_flops_per_image(
+      model, params, train_setup.CIFAR10_INFO, conditional) / 1e9
+  return record
+
+
+def bench_torch(model_name: str, method: str, num_steps: int, batch: int, warmup: int,
+                iters: int) -> dict:
+  """Times the diffusers scheduler loop and the same number of bare forwards."""
+  from experiments import torch_reference  # pylint: disable=import-outside-toplevel
+  evaluations = number_of_evaluations(method, num_steps)
+  timed_evaluations = baseline_evaluations(evaluations)
+  sample, forwards = torch_reference.make_sampler(model_name, method, num_steps, batch,
+                                                  FLAGS.dtype, num_forwards=timed_evaluations)
+  sample_t = common.torch_time_calls(sample, warmup=warmup, iters=iters)
+  forward_t = common.torch_time_calls(forwards, warmup=warmup, iters=iters)
+  forwards_s = forward_t["median_s"] * evaluations / timed_evaluations
+  return {"torch_sample_s": sample_t["median_s"], "torch_forwards_s": forwards_s,
+          "torch_images_per_s": batch / sample_t["median_s"],
+          "torch_overhead": sample_t["median_s"] / forwards_s - 1}
+
+
+def main(argv):
+  del argv
+  batches, warmup, iters = _settings()
+  info = common.machine_info()
+  if FLAGS.torch:
+    info["torch_threads"] = common.set_torch_threads()
+  print(f"{info['device_count']} x {info['device_kind']} ({info['platform']}), "
+        f"load {info['loadavg_start']}")
+  records = []
+  for model_name in FLAGS.models:
+    for sampler in FLAGS.samplers:
+      method, num_steps = sampler.split(":")
+      for batch in batches:
+        record = bench_jax(model_name, method, int(num_steps), batch, warmup, iters)
+        if FLAGS.torch:
+          record.update(bench_torch(model_name, method, int(num_steps), batch, warmup, iters))
+          record["speedup"] = record["images_per_s"] / record["torch_images_per_s"]
+        record["loadavg"] = os.getloadavg()
+        records.append(record)
+        print(common.format_table([record], COLUMNS).splitlines()[-1], flush=True)
+        common.write_json(FLAGS.out, {  # after every record: a long run keeps what it measured
+            "benchmark": "sampling", "machine": info,
+            "settings": {"batch_sizes": batches, "iters": iters, "warmup": warmup,
+                         "dtype": FLAGS.dtype, "samplers": FLAGS.samplers},
+            "records": records})
+  print(f"\nSampling ({FLAGS.dtype}), median of {iters} run(s) after {warmup} warm-up; "
+        f"load average at the end {os.getloadavg()}")
+  print(common.format_table(records, COLUMNS))
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,143 @@
+"""Train-step speed: images/s, step time, compile time, memory and MFU, against PyTorch.
+
+Times jaxdiff's real jitted train step (`jaxdiff.train.loop.make_step_fn`: loss, backward,
+clipping, AdamW, EMA; state donated) on a fixed 32x32x3 batch for each model and compute dtype,
+and, with --torch, the same architecture in diffusers with an AdamW step on the same batch
+(see experiments/torch_reference.py). MFU = XLA's FLOPs of the step / step time / the peak
+FLOP/s of a large matmul measured at the start of the same run.
+
+  python experiments/bench_train.py --models=dit-s/2 --dtypes=float32,bfloat16 \
+      --out=experiments/results/train_dit-s2_cpu.json
+
+Defaults suit a small CPU (batch 8, 3 timed steps); on a GPU/TPU pass e.g. --batch_size=256
+--iters=50.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from experiments import common, train_setup  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["dit-s/2", "dit-b/2", "unet-ddpm-cifar10"], "Models to time.")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
+flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = 8 on CPU, 128 on accelerators.")
+flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+flags.DEFINE_integer("iters", 0, "Timed steps (median reported); 0 = 3 on CPU, 30 elsewhere.")
+flags.DEFINE_list("variants", ["cli"],
+                  "cli: the CLI's jitted step (multi_step, a length-1 lax.scan); single: the same "
+                  "train_step jitted without the scan (an experiment, see train_setup).")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch/diffusers reference step.")
+flags.DEFINE_bool("scan_compile", True,
+                  "For DiTs, also compile (not run) the step with scan_blocks=True.")
+flags.DEFINE_string("out", "experiments/results/bench_train.json", "JSON output path.")
+
+COLUMNS = [("model", "model", ""), ("dtype", "dtype", ""), ("variant", "step", ""),
+           ("batch", "batch", "d"),
+           ("params_m", "params (M)", ".1f"), ("compile_s", "compile (s)", ".1f"),
+           ("step_s", "step (s)", ".3f"), ("images_per_s", "img/s", ".2f"),
+           ("gflops_per_image", "GFLOP/img", ".1f"), ("mfu", "MFU", ".1%"),
+           ("step_mib", "step mem (MiB)", ".0f"), ("torch_images_per_s", "torch img/s", ".2f"),
+           ("speedup", "jax/torch", ".2f")]
+
+
+def _defaults() -> tuple[int, int]:
+  on_cpu = jax.devices()[0].platform == "cpu"
+  batch = FLAGS.batch_size or (8 if on_cpu else 128)
+  iters = FLAGS.iters or (3 if on_cpu else 30)
+  return batch, iters
+
+
+def bench_jax(model_name: str, dtype: str, variant: str, batch: int, iters: int,
+              peak: dict) -> dict:
+  """Compiles and times jaxdiff's train step; returns one record."""
+  bench = train_setup.make_train_bench(model_name, dtype, batch)
+  if variant == "single":
+    bench = train_setup.single_step_variant(bench)
+  args = (bench.state, bench.batches, bench.key)
+  compiled, compile_times = common.compile_timed(bench.step_fn, *args)
+  flops = common.model_flops(bench.step_fn, args, compiled)
+  holder = {"state": bench.state}
+
+  def call():
+    holder["state"], metrics = compiled(holder["state"], bench.batches, bench.key)
+    return metrics
+
+  timing = common.time_calls(call, warmup=FLAGS.warmup, iters=iters)
+  memory = common.memory_record(compiled)
+  step_s = timing["median_s"]
+  return {
+      "model": model_name, "dtype": dtype, "variant": variant, "batch": batch,
+      "params_m": common.param_count(bench.state.params) / 1e6,
+      "compile_s": compile_times["lower_and_compile_s"], **compile_times,
+      "step_s": step_s, "images_per_s": batch / step_s, "timing": timing,
+      "gflops_per_image": flops["flops"] / batch / 1e9, **flops,
+      "achieved_tflops": flops["flops"] / step_s / 1e12,
+      "mfu": common.mfu(flops["flops"], step_s, peak[dtype]["peak_flops_per_s"]),
+      "step_mib": memory.get("device_peak_bytes", memory.get("xla_step_bytes", 0)) / 2**20,
+      "memory": memory}
+
+
+def scan_compile_time(model_name: str, batch: int) -> dict:
+  """Compile time of the float32 DiT step with the blocks under one `nn.scan`."""
+  bench = train_setup.make_train_bench(model_name, "float32", batch, scan_blocks=True)
+  _, times = common.compile_timed(bench.step_fn, bench.state, bench.batches, bench.key)
+  return {"model": model_name, "scan_blocks": True, **times}
+
+
+def bench_torch(model_name: str, dtype: str, batch: int, iters: int) -> dict:
+  """Times the diffusers reference train step (eager PyTorch)."""
+  from experiments import torch_reference  # pylint: disable=import-outside-toplevel
+  step, num_params = torch_reference.make_train_step(model_name, batch, dtype)
+  timing = common.torch_time_calls(step, warmup=FLAGS.warmup, iters=iters)
+  return {"torch_params_m": num_params / 1e6, "torch_step_s": timing["median_s"],
+          "torch_images_per_s": batch / timing["median_s"], "torch_timing": timing}
+
+
+def main(argv):
+  del argv
+  batch, iters = _defaults()
+  info = common.machine_info()
+  if FLAGS.torch:
+    info["torch_threads"] = common.set_torch_threads()
+  peak = {d: common.measured_peak_flops(getattr(jnp, d)) for d in FLAGS.dtypes}
+  print(f"{info['device_count']} x {info['device_kind']} ({info['platform']}), "
+        f"load {info['loadavg_start']}; peak matmul TFLOP/s: "
+        + ", ".join(f"{d} {p['peak_flops_per_s'] / 1e12:.3f}" for d, p in peak.items()))
+  records, scan_records = [], []
+  save = lambda: common.write_json(FLAGS.out, {
+      "benchmark": "train_step", "machine": info, "peak_matmul": peak,
+      "settings": {"batch_size": batch, "iters": iters, "warmup": FLAGS.warmup},
+      "records": records, "scan_compile": scan_records})
+  for model_name in FLAGS.models:
+    for dtype in FLAGS.dtypes:
+      for variant in FLAGS.variants:
+        record = bench_jax(model_name, dtype, variant, batch, iters, peak)
+        if FLAGS.torch and variant == FLAGS.variants[0]:
+          record.update(bench_torch(model_name, dtype, batch, iters))
+          torch_rate = record["torch_images_per_s"]
+        if FLAGS.torch:
+          record["speedup"] = record["images_per_s"] / torch_rate
+        record["loadavg"] = os.getloadavg()
+        records.append(record)
+        print(common.format_table([record], COLUMNS).splitlines()[-1], flush=True)
+        save()  # after every record: a long run keeps what it measured
+    if FLAGS.scan_compile and model_name.startswith("dit"):
+      scan_records.append(scan_compile_time(model_name, batch))
+      print(f"{model_name} float32 step compile with scan_blocks=True: "
+            f"{scan_records[-1]['lower_and_compile_s']:.1f} s", flush=True)
+      save()
+  print(f"\nTrain step, median of {iters} steps after {FLAGS.warmup} warm-up; "
+        f"load average at the end {os.getloadavg()}")
+  print(common.format_table(records, COLUMNS))
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,284 @@
+"""Shared helpers for the benchmark scripts: timing, FLOPs, peak FLOP/s, memory, tables, JSON.
+
+Every benchmark in `experiments/` measures in the same way:
+- compile time: `jax.jit(f).lower(*args)` then `.compile()`, both timed (`compile_timed`);
+- step time: the median of `iters` calls after `warmup` calls, each ended by
+  `jax.block_until_ready` (`time_calls`);
+- model FLOPs: XLA's `compiled.cost_analysis()["flops"]`. XLA's cost analysis counts the body of
+  a `while` loop (every `lax.scan`) once, not once per iteration, so `jaxpr_flops` also counts the
+  matmul and convolution FLOPs of the jaxpr, multiplying scan bodies by their length; when a loop
+  body runs more than once, the jaxpr count is the one used (`model_flops`);
+- peak FLOP/s: the best of a few large matmuls in the same process (`measured_peak_flops`);
+- memory: `device.memory_stats()["peak_bytes_in_use"]` where the backend has it (GPU, TPU), else
+  the XLA buffer sizes of the compiled program and the process's peak resident set size.
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Model FLOPs come from these primitives; elementwise work is not counted (the usual MFU
+# convention, as in PaLM's appendix B).
+_MATMUL_PRIMITIVES = ("dot_general", "conv_general_dilated")
+
+
+def machine_info() -> dict:
+  """Describes the machine and the software, for the JSON record."""
+  device = jax.devices()[0]
+  info = {
+      "date": datetime.date.today().isoformat(),
+      "platform": device.platform,
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "cpu": platform.processor() or platform.machine(),
+      "python": sys.version.split()[0],
+      "jax": jax.__version__,
+      "loadavg_start": os.getloadavg(),
+  }
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    info["torch"] = torch.__version__
+  except ImportError:
+    pass
+  return info
+
+
+def sync(tree: Any) -> Any:
+  """Waits for every array in `tree` (JAX dispatch is asynchronous)."""
+  return jax.block_until_ready(tree)
+
+
+def compile_timed(fn: Callable, *args, **jit_kwargs) -> tuple[Any, dict]:
+  """Jits, lowers and compiles `fn` for `args`; returns (compiled, {lower_s, compile_s})."""
+  start = time.perf_counter()
+  lowered = jax.jit(fn, **jit_kwargs).lower(*args)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  return compiled, {"lower_s": lowered_at - start, "compile_s": done - lowered_at,
+                    "lower_and_compile_s": done - start}
+
+
+def time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict:
+  """Times `call()` (which returns arrays) `iters` times after `warmup` untimed calls.
+
+  Returns:
+    {"median_s", "min_s", "max_s", "iters", "times_s"}.
+  """
+  for _ in range(warmup):
+    sync(call())
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    sync(call())
+    times.append(time.perf_counter() - start)
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "iters": iters, "times_s": times}
+
+
+def xla_flops(compiled) -> float | None:
+  """FLOPs of a compiled program from XLA's cost analysis (a dict, or a list of one per device)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
+def has_repeated_loop(jaxpr) -> bool:
+  """Whether `jaxpr` runs some body more than once (a scan of length > 1, or a while loop)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "while" or (
+        eqn.primitive.name == "scan" and eqn.params["length"] > 1):
+      return True
+    if any(has_repeated_loop(j) for v in eqn.params.values() for j in _sub_jaxprs(v)):
+      return True
+  return False
+
+
+def _sub_jaxprs(value) -> list:
+  """The jaxprs held in one equation parameter (a jaxpr, a closed jaxpr, or a tuple of them)."""
+  if hasattr(value, "eqns"):
+    return [value]
+  if hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+    return [value.jaxpr]
+  if isinstance(value, (list, tuple)):
+    return [j for item in value for j in _sub_jaxprs(item)]
+  return []
+
+
+def _equation_flops(eqn) -> float:
+  """Matmul / convolution FLOPs of one equation (2 per multiply-add)."""
+  out_size = math.prod(eqn.outvars[0].aval.shape)
+  if eqn.primitive.name == "dot_general":
+    (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+    lhs_shape = eqn.invars[0].aval.shape
+    return 2.0 * out_size * math.prod(lhs_shape[d] for d in lhs_contracting)
+  # conv_general_dilated: each output element is a dot over rhs.size / out_features weights.
+  rhs_shape = eqn.invars[1].aval.shape
+  out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+  return 2.0 * out_size * math.prod(rhs_shape) / rhs_shape[out_feature_dim]
+
+
+def _count_jaxpr(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in _MATMUL_PRIMITIVES:
+      total += _equation_flops(eqn)
+      continue
+    subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
+    if not subs:
+      continue
+    counts = [_count_jaxpr(j) for j in subs]
+    if eqn.primitive.name == "cond":
+      total += max(counts)  # one branch runs
+    elif eqn.primitive.name == "scan":
+      total += eqn.params["length"] * sum(counts)
+    else:  # pjit, remat, custom_jvp/vjp, while (trip count unknown: counted once)
+      total += sum(counts)
+  return total
+
+
+def jaxpr_flops(fn: Callable, *args) -> float:
+  """Matmul + convolution FLOPs of `fn(*args)`, scan bodies counted once per iteration."""
+  return _count_jaxpr(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def model_flops(fn: Callable, args: Sequence, compiled) -> dict:
+  """FLOPs per call of `fn`: XLA's count, the jaxpr count, and which one MFU uses (`flops`).
+
+  XLA's count (which includes elementwise work) is used unless a loop body runs more than once
+  (e.g. `scan_blocks`), where XLA would count it once; a length-1 scan such as the train loop's
+  `multi_step` with one step per dispatch is counted correctly by both.
+  """
+  from_xla = xla_flops(compiled)
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  from_jaxpr = _count_jaxpr(jaxpr)
+  loop = has_repeated_loop(jaxpr)
+  use_xla = from_xla is not None and not loop
+  return {"flops": from_xla if use_xla else from_jaxpr,
+          "flops_source": "xla_cost_analysis" if use_xla else "jaxpr_matmul_count",
+          "xla_flops": from_xla, "jaxpr_matmul_flops": from_jaxpr, "repeated_loop": loop}
+
+
+def measured_peak_flops(dtype: Any, *, size: int | None = None, repeats: int = 5) -> dict:
+  """Peak FLOP/s of this device, measured as the best of `repeats` [n, n] @ [n, n] matmuls.
+
+  Args:
+    dtype: jnp.float32 or jnp.bfloat16 (float32 matmuls use the default precision, e.g. TF32
+      on H100 and bf16 passes on TPU, as the models do).
+    size: n; defaults to 2048 on CPU and 8192 on accelerators.
+  """
+  device = jax.devices()[0]
+  n = size or (2048 if device.platform == "cpu" else 8192)
+  chain = 1 if device.platform == "cpu" else 8  # several matmuls per call hide dispatch
+
+  def matmuls(a, b):
+    for _ in range(chain):
+      a = (a @ b) * 0.5
+    return a
+
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (n, n), dtype)
+  b = jax.random.normal(key_b, (n, n), dtype) / math.sqrt(n)
+  compiled, _ = compile_timed(matmuls, a, b)
+  timing = time_calls(lambda: compiled(a, b), warmup=1, iters=repeats)
+  flops = 2.0 * n ** 3 * chain
+  return {"dtype": jnp.dtype(dtype).name, "n": n, "matmuls_per_call": chain,
+          "peak_flops_per_s": flops / timing["min_s"],
+          "median_flops_per_s": flops / timing["median_s"]}
+
+
+def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_s: float) -> float:
+  """Model FLOPs utilisation: achieved FLOP/s over the peak FLOP/s."""
+  return flops_per_step / step_time_s / peak_flops_per_s
+
+
+def memory_record(compiled=None) -> dict:
+  """Peak memory: the device's own counter where it has one, else XLA buffers and process RSS."""
+  record = {}
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    record["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+  if compiled is not None:
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      record["xla_step_bytes"] = int(analysis.argument_size_in_bytes
+                                     + analysis.output_size_in_bytes
+                                     + analysis.temp_size_in_bytes
+                                     - analysis.alias_size_in_bytes)
+      record["xla_temp_bytes"] = int(analysis.temp_size_in_bytes)
+  # ru_maxrss is in KiB on Linux; a process-wide high-water mark over everything run so far.
+  record["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return record
+
+
+def param_count(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def torch_time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict:
+  """`time_calls` for PyTorch: synchronises CUDA if the reference runs on a GPU."""
+  import torch  # pylint: disable=import-outside-toplevel
+  synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+  def timed():
+    result = call()
+    synchronize()
+    return result
+
+  return time_calls(lambda: (timed(), None)[1], warmup=warmup, iters=iters)
+
+
+def set_torch_threads() -> int:
+  """Gives PyTorch the same cores as XLA's CPU client (all of them); returns the count."""
+  import torch  # pylint: disable=import-outside-toplevel
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(threads)
+  return threads
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+  """Formats rows as a Markdown table; columns are (key, header, format spec), e.g. ".2f"."""
+  def cell(row, key, spec):
+    value = row.get(key)
+    if value is None:
+      return "-"
+    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
+
+  header = "| " + " | ".join(h for _, h, _ in columns) + " |"
+  rule = "|" + "|".join("---" for _ in columns) + "|"
+  body = ["| " + " | ".join(cell(r, k, s) for k, _, s in columns) + " |" for r in rows]
+  return "\n".join([header, rule, *body])
+
+
+def write_json(path: str, payload: dict) -> None:
+  """Writes `payload` with the load average at the end of the run added."""
+  payload = {**payload, "loadavg_end": os.getloadavg()}
+  directory = os.path.dirname(path)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=1, default=_json_default)
+    f.write("\n")
+
+
+def _json_default(value):
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return str(value)

@@ -1,0 +1,53 @@
+"""Checks the benchmark helpers of experiments/common.py against hand computations."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import common
+
+
+def test_jaxpr_flops_of_dense_and_conv_match_hand_count():
+  model = nn.Sequential([nn.Conv(16, (3, 3)), nn.Dense(32)])
+  x = jnp.ones((2, 8, 8, 4))
+  params = model.init(jax.random.key(0), x)
+  flops = common.jaxpr_flops(lambda p: model.apply(p, x), params)
+  conv = 2 * (2 * 8 * 8 * 16) * (3 * 3 * 4)  # 2 * output elements * taps per output
+  dense = 2 * (2 * 8 * 8 * 32) * 16
+  assert flops == conv + dense
+
+
+def test_scan_body_is_counted_once_per_iteration():
+  a = jnp.ones((64, 64))
+
+  def repeated(a, b):
+    return jax.lax.scan(lambda c, _: (c @ b, None), a, None, length=10)[0]
+
+  compiled, _ = common.compile_timed(repeated, a, a)
+  record = common.model_flops(repeated, (a, a), compiled)
+  assert record["jaxpr_matmul_flops"] == 10 * 2 * 64 ** 3
+  assert record["repeated_loop"]
+  assert record["flops"] == record["jaxpr_matmul_flops"]  # XLA would count the body once
+
+
+def test_xla_flops_are_used_without_loops():
+  a = jnp.ones((32, 48))
+  b = jnp.ones((48, 16))
+  compiled, times = common.compile_timed(jnp.matmul, a, b)
+  record = common.model_flops(jnp.matmul, (a, b), compiled)
+  assert record["flops_source"] == "xla_cost_analysis"
+  assert record["flops"] == pytest.approx(2 * 32 * 48 * 16)
+  assert times["compile_s"] >= 0
+
+
+def test_mfu_arithmetic():
+  # 1e12 FLOPs in 0.5 s on a 4e12 FLOP/s device: 2e12 achieved, 50%.
+  assert common.mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)
+
+
+def test_time_calls_and_table():
+  timing = common.time_calls(lambda: jnp.ones(3) * 2, warmup=1, iters=3)
+  assert timing["iters"] == 3 and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+  table = common.format_table([{"a": 1.234, "b": None}], [("a", "A", ".1f"), ("b", "B", "")])
+  assert table.splitlines()[-1] == "| 1.2 | - |"
