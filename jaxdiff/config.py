@@ -6,6 +6,7 @@ raise `ConfigError` with one line that names the field and the fix, before anyth
 """
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -176,8 +177,14 @@ def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
   _check_optimizer(config.optimizer)
   _check_train(config)
   _check_sample(config)
-  _check(config.eval.fid_every == 0, "eval.fid_every", config.eval.fid_every,
-         "FID during training is not available yet; set it to 0 and run FID on a checkpoint")
+  _check(config.eval.fid_every >= 0, "eval.fid_every", config.eval.fid_every, "use 0 (off) or more")
+  if config.eval.fid_every:
+    _check(bool(config.eval.reference_stats) and os.path.exists(config.eval.reference_stats),
+           "eval.reference_stats", config.eval.reference_stats,
+           "FID during training needs an existing .npz of reference statistics or images "
+           "(python -m jaxdiff.evaluate --dataset=... writes one)")
+    _check(config.eval.num_samples >= 2, "eval.num_samples", config.eval.num_samples,
+           "FID needs at least 2 samples")
   return config
 
 

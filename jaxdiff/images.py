@@ -82,6 +82,10 @@ def _atomic_save(path, save_fn) -> None:
   os.close(fd)
   try:
     save_fn(tmp_path)
+    # mkstemp creates 0600; give the image the permissions a plain open() would (0666 & ~umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     os.replace(tmp_path, path)
   except BaseException:
     if os.path.exists(tmp_path):

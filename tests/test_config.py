@@ -73,7 +73,20 @@ def test_fashion_mnist_configs_differ_only_in_the_backbone():
   dit = load("fashion_mnist_dit").to_dict()
   assert unet["model"].pop("name") == "unet-small"
   assert dit["model"].pop("name") == "dit-s/2"
+  dit_overrides = {k: v for k, v in dit["model"].pop("overrides").items() if v is not None}
+  assert not any(v is not None for v in unet["model"].pop("overrides").values())
   assert unet == dit
+  # The DiT is narrowed so that the two backbones have matched parameter counts (within 1%).
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxdiff.models import build_model  # pylint: disable=g-import-not-at-top
+
+  def count(name, **fields):
+    model = build_model(name, num_classes=10, class_dropout_prob=0.1, **fields)
+    args = (jnp.zeros((1, 32, 32, 1)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+  assert abs(count("dit-s/2", **dit_overrides) / count("unet-small") - 1) < 0.01
 
 
 def test_variants():
@@ -105,7 +118,8 @@ def _parse_with(name="base", **overrides):
     (dict(sample__guidance_scale=2.0), "sample.guidance_scale"),  # unconditional model
     (dict(sample__ema_decay=0.5), "sample.ema_decay"),
     (dict(data__source="imagenet"), "config.data"),
-    (dict(eval__fid_every=100), "eval.fid_every"),
+    (dict(eval__fid_every=-1), "eval.fid_every"),
+    (dict(eval__fid_every=100), "eval.reference_stats"),  # FID needs reference statistics
 ])
 def test_bad_values_name_the_field(overrides, field):
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):

@@ -164,3 +164,59 @@ def test_corrupted_latest_checkpoint_through_the_cli(runs, tmp_path):
   assert code == 2 and len(lines) == 1, stderr[-3000:]
   assert lines[0].startswith("error: checkpoint step 2") and "untouched" in lines[0]
   assert digest(workdir) == before
+
+
+def test_fid_during_training_matches_torch_fidelity_features(tmp_path):
+  """eval.fid_every: the logged proxy FID equals FID from torch-fidelity's network on the same
+  EMA samples (regenerated from the checkpoint), in closed form."""
+  import hashlib as hashlib_  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import fidelity_reference  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from configs import mnist_offline  # pylint: disable=g-import-not-at-top
+  from jaxdiff import images  # pylint: disable=g-import-not-at-top
+  from jaxdiff.diffusion import make_schedule  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import preview as preview_lib  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  source = fidelity_reference.random_inception_path()
+  digest = hashlib_.sha256(open(source, "rb").read()).hexdigest()
+  weights = tmp_path / f"weights-inception-random-{digest[:8]}.pth"
+  shutil.copy(source, weights)
+  n = 6
+  reference = np.random.default_rng(0).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+  np.savez(tmp_path / "ref.npz", arr_0=reference)
+  config = mnist_offline.get_config("tiny")
+  config.train.sample_every = 0
+  config.eval.fid_every = 8
+  config.eval.num_samples = n
+  config.eval.inception_weights = str(weights)
+  config.eval.reference_stats = str(tmp_path / "ref.npz")
+  devices = jax.devices()[:1]
+  loop.train(config, str(tmp_path / "run"), devices=devices)
+
+  logged = [r for r in read_metrics(tmp_path / "run") if "eval/fid" in r]
+  assert [r["step"] for r in logged] == [8] and logged[0]["eval/fid_num_samples"] == n
+
+  run = loop.prepare(config, devices)
+  decay = run.config.sample.ema_decay
+  *_, ema = checkpoint.restore_for_inference(str(tmp_path / "run"))
+  key = loop.root_key(config.seed, loop.FID_STREAM, run.mesh)
+  generate = preview_lib.make_preview_fn(
+      run.model, make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
+      run.config, run.info, run.mesh, run.shardings.ema_params[state_lib.ema_key(decay)], key)
+  chunks = [generate(ema[decay], jax.random.fold_in(key, c))
+            for c in range(-(-n // config.sample.num_images))]
+  samples = images.to_uint8(np.concatenate(chunks)[:n])
+  samples = np.repeat(samples, 3, axis=-1)  # grey digits, as the FID network sees them
+  pool = fidelity_reference.reference_features(
+      str(weights), np.concatenate([samples, reference]))["pool"].astype(np.float64)
+  x1, x2 = pool[:n], pool[n:]
+  c1, c2 = x1 - x1.mean(0), x2 - x2.mean(0)
+  # tr((S1 S2)^(1/2)) = sum of the singular values of C1 C2^T / (n - 1) for n < D.
+  trace_sqrt = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum() / (n - 1)
+  expected = (np.sum((x1.mean(0) - x2.mean(0)) ** 2)
+              + (np.sum(c1 ** 2) + np.sum(c2 ** 2)) / (n - 1) - 2 * trace_sqrt)
+  assert logged[0]["eval/fid"] == pytest.approx(expected, rel=1e-3)

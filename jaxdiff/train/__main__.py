@@ -88,11 +88,12 @@ def main(argv: list[str]) -> None:
   # Imported here so that flag errors are reported without importing JAX.
   from jaxdiff.config import ConfigError  # pylint: disable=g-import-not-at-top
   from jaxdiff.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  from jaxdiff.eval import ReferenceFileError, WeightsError  # pylint: disable=g-import-not-at-top
   from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DatasetNotFoundError, checkpoint.CheckpointError,
-          loop.TrainingError) as error:
+          loop.TrainingError, ReferenceFileError, WeightsError) as error:
     _fail(str(error))
   except loop.Preempted as preempted:
     print(f"jaxdiff.train: {preempted}", file=sys.stderr, flush=True)

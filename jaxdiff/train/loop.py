@@ -19,6 +19,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
+from jaxdiff import images
 from jaxdiff.config import Config, check_run, parse_config
 from jaxdiff.data import DatasetInfo, dataset_info, make_train_iterator
 from jaxdiff.diffusion import make_schedule
@@ -30,7 +31,7 @@ from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
 
 # fold_in constants of the run's root key: one stream per use.
-INIT_STREAM, TRAIN_STREAM, PREVIEW_STREAM = 0, 1, 2
+INIT_STREAM, TRAIN_STREAM, PREVIEW_STREAM, FID_STREAM = 0, 1, 2, 3
 
 
 class TrainingError(RuntimeError):
@@ -166,6 +167,7 @@ def train(config_dict: ml_collections.ConfigDict, workdir: str, *,
     Preempted: SIGTERM arrived; the state was saved first.
   """
   run = prepare(config_dict, devices)
+  fid = _make_fid(run) if run.config.eval.fid_every else None  # weight errors before any write
   resolved = checkpoint.resolved_config(config_dict, run.config, run.info)
   if os.path.exists(checkpoint.checkpoint_dir(workdir)):
     with contextlib.closing(checkpoint.open_manager(workdir, read_only=True)) as reader:
@@ -184,7 +186,7 @@ def train(config_dict: ml_collections.ConfigDict, workdir: str, *,
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   guard = PreemptionGuard(manager)
   try:
-    return _loop(run, workdir, manager, writer, guard, state, iterator, resolved)
+    return _loop(run, workdir, manager, writer, guard, state, iterator, resolved, fid)
   finally:
     guard.close()
     writer.close()
@@ -193,7 +195,7 @@ def train(config_dict: ml_collections.ConfigDict, workdir: str, *,
     iterator.close()
 
 
-def _loop(run: Run, workdir: str, manager, writer, guard, state, iterator, resolved):
+def _loop(run: Run, workdir: str, manager, writer, guard, state, iterator, resolved, fid=None):
   """Steps until num_steps, logging, sampling and checkpointing at their boundaries."""
   cfg = run.config
   k = cfg.train.steps_per_dispatch
@@ -221,6 +223,9 @@ def _loop(run: Run, workdir: str, manager, writer, guard, state, iterator, resol
       if preview is not None and step % cfg.train.sample_every == 0:
         with timer.paused():
           _save_preview(preview, state, workdir, writer, step, cfg)
+      if fid is not None and step % cfg.eval.fid_every == 0:
+        with timer.paused():
+          writer.write(step, fid(state))
       stop = guard.should_stop(step // k)
       if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps or stop:
         with timer.paused():
@@ -289,6 +294,31 @@ def _make_preview(run: Run):
       run.info, run.mesh, run.shardings.ema_params[ema],
       root_key(cfg.seed, PREVIEW_STREAM, run.mesh))
   return lambda state: fn(state.ema_params[ema])
+
+
+def _make_fid(run: Run):
+  """state -> {"eval/fid": ...}: proxy FID of `eval.num_samples` EMA samples (sample settings).
+
+  Samples are drawn in chunks of `sample.num_images` with one key per chunk, against the
+  reference statistics in `eval.reference_stats`.
+  """
+  from jaxdiff.eval import FidEvaluator  # pylint: disable=g-import-not-at-top  (heavy, optional)
+  cfg = run.config
+  evaluator = FidEvaluator(cfg.eval.inception_weights or None, cfg.eval.reference_stats)
+  ema = state_lib.ema_key(cfg.sample.ema_decay)
+  key = root_key(cfg.seed, FID_STREAM, run.mesh)
+  generate = preview_lib.make_preview_fn(
+      run.model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps), cfg,
+      run.info, run.mesh, run.shardings.ema_params[ema], key)
+  num_chunks = -(-cfg.eval.num_samples // cfg.sample.num_images)
+
+  def evaluate(state) -> dict[str, float]:
+    chunks = [generate(state.ema_params[ema], jax.random.fold_in(key, c))
+              for c in range(num_chunks)]
+    samples = images.to_uint8(np.concatenate(chunks)[:cfg.eval.num_samples])
+    scores = evaluator.score(samples, names=("fid",))
+    return {"eval/fid": float(scores["fid"]), "eval/fid_num_samples": len(samples)}
+  return evaluate
 
 
 def _save_preview(preview, state, workdir: str, writer, step: int, cfg: Config) -> None:

@@ -31,7 +31,10 @@ def make_preview_fn(model, schedule: Schedule, config: Config, info: DatasetInfo
     info: dataset description (image size, channels, classes).
     mesh: device mesh; images are split over it when their number allows.
     params_shardings: shardings of the params passed in.
-    key: noise key; the same for every grid of a run.
+    key: default noise key (the same for every grid of a run); FID passes one key per chunk.
+
+  Returns:
+    fn(params, key=key) -> float32 images [N, H, W, C].
   """
   cfg = config.sample
   n = cfg.num_images
@@ -40,7 +43,7 @@ def make_preview_fn(model, schedule: Schedule, config: Config, info: DatasetInfo
   labels = jnp.asarray(grid_labels(n, info.num_classes))
   guidance = None if cfg.guidance_scale == 1.0 else cfg.guidance_scale
 
-  def generate(params):
+  def generate(params, key):
     example_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
     x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(example_keys)
     if n % mesh.size == 0:
@@ -60,9 +63,10 @@ def make_preview_fn(model, schedule: Schedule, config: Config, info: DatasetInfo
                   guidance_scale=guidance,
                   variance="learned" if config.model.learn_sigma else "fixed_small")
 
-  jitted = jax.jit(generate, in_shardings=(params_shardings,),
+  jitted = jax.jit(generate, in_shardings=(params_shardings, sharding_lib.replicated(mesh)),
                    out_shardings=sharding_lib.replicated(mesh))
-  return lambda params: np.asarray(jax.device_get(jitted(params)))
+  default_key = key
+  return lambda params, key=default_key: np.asarray(jax.device_get(jitted(params, key)))
 
 
 def save_grid(workdir: str, step: int, samples: np.ndarray) -> tuple[str, np.ndarray]:
