@@ -176,7 +176,7 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
 
 
-def _global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from a host array that every process holds in full."""
   return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
 
@@ -185,7 +185,7 @@ def _replicated_array(leaf, sharding: NamedSharding) -> jax.Array:
   """A parameter copied to every device of the mesh, whichever process or device holds it now."""
   if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
     return jax.jit(lambda x: x, out_shardings=sharding)(leaf)
-  return _global_array(np.asarray(leaf), sharding)
+  return global_array(np.asarray(leaf), sharding)
 
 
 def generate(batch_fn: BatchFn, params, mesh: Mesh, labels: np.ndarray, *, seed: int,
@@ -217,13 +217,13 @@ def generate(batch_fn: BatchFn, params, mesh: Mesh, labels: np.ndarray, *, seed:
   sharded_fn = jax.jit(batch_fn, in_shardings=(replicated, replicated, data, data),
                        out_shardings=data)
   params = jax.tree.map(lambda leaf: _replicated_array(leaf, replicated), params)
-  key_data = _global_array(seed_key_data(seed), replicated)
+  key_data = global_array(seed_key_data(seed), replicated)
   padded_labels = np.concatenate([labels, np.zeros(padded, np.int32)]).astype(np.int32)
 
   def dispatch(start: int) -> jax.Array:
     indices = np.arange(start, start + padded, dtype=np.int32)
-    return sharded_fn(params, key_data, _global_array(indices, data),
-                      _global_array(padded_labels[start:start + padded], data))
+    return sharded_fn(params, key_data, global_array(indices, data),
+                      global_array(padded_labels[start:start + padded], data))
 
   starts = range(0, num_samples, per_call)
   output = None

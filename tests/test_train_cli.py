@@ -207,7 +207,7 @@ def test_fid_during_training_matches_torch_fidelity_features(tmp_path):
   generate = preview_lib.make_preview_fn(
       run.model, make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
       run.config, run.info, run.mesh, run.shardings.ema_params[state_lib.ema_key(decay)], key)
-  chunks = [generate(ema[decay], jax.random.fold_in(key, c))
+  chunks = [generate(ema[decay], c * config.sample.num_images)
             for c in range(-(-n // config.sample.num_images))]
   samples = images.to_uint8(np.concatenate(chunks)[:n])
   samples = np.repeat(samples, 3, axis=-1)  # grey digits, as the FID network sees them

@@ -299,7 +299,7 @@ def _make_preview(run: Run):
 def _make_fid(run: Run):
   """state -> {"eval/fid": ...}: proxy FID of `eval.num_samples` EMA samples (sample settings).
 
-  Samples are drawn in chunks of `sample.num_images` with one key per chunk, against the
+  Samples are drawn in chunks of `sample.num_images` consecutive global indices, against the
   reference statistics in `eval.reference_stats`.
   """
   from jaxdiff.eval import FidEvaluator  # pylint: disable=g-import-not-at-top  (heavy, optional)
@@ -313,7 +313,7 @@ def _make_fid(run: Run):
   num_chunks = -(-cfg.eval.num_samples // cfg.sample.num_images)
 
   def evaluate(state) -> dict[str, float]:
-    chunks = [generate(state.ema_params[ema], jax.random.fold_in(key, c))
+    chunks = [generate(state.ema_params[ema], c * cfg.sample.num_images)
               for c in range(num_chunks)]
     samples = images.to_uint8(np.concatenate(chunks)[:cfg.eval.num_samples])
     scores = evaluator.score(samples, names=("fid",))

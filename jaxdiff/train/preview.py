@@ -4,69 +4,60 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdiff import images
+from jaxdiff import images, sampling
 from jaxdiff.config import Config
 from jaxdiff.data import DatasetInfo
-from jaxdiff.diffusion import Schedule, sample
+from jaxdiff.diffusion import Schedule
 from jaxdiff.train import sharding as sharding_lib
 
 
-def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
-  """Labels cycling 0..num_classes-1 (all 0 for an unconditional model): int32 [num_images]."""
-  return (np.arange(num_images) % max(num_classes, 1)).astype(np.int32)
-
-
 def make_preview_fn(model, schedule: Schedule, config: Config, info: DatasetInfo, mesh: Mesh,
-                    params_shardings: Any, key: jax.Array) -> Callable[[Any], np.ndarray]:
-  """Builds params -> float32 images [N, H, W, C] in [-1, 1], jitted once.
+                    params_shardings: Any, key: jax.Array) -> Callable[..., np.ndarray]:
+  """Builds (params, first_index=0) -> float32 images [N, H, W, C] in [-1, 1], jitted once.
+
+  The sampler is `jaxdiff.sampling.make_batch_fn`, the one `python -m jaxdiff.sample` uses:
+  image i (a global index) has its own noise and its label `i % num_classes`, so a grid is the
+  same on any device count and consecutive chunks (FID) are `first_index = c * N`.
 
   Args:
     model: the Flax module.
     schedule: the training schedule.
-    config: run config (sample section: method, steps, eta, guidance, number of images).
+    config: run config (sample section: method, steps, eta, guidance, number of images N).
     info: dataset description (image size, channels, classes).
     mesh: device mesh; images are split over it when their number allows.
     params_shardings: shardings of the params passed in.
-    key: default noise key (the same for every grid of a run); FID passes one key per chunk.
-
-  Returns:
-    fn(params, key=key) -> float32 images [N, H, W, C].
+    key: base noise key, the same for every grid of a run.
   """
   cfg = config.sample
   n = cfg.num_images
-  shape = (info.image_size, info.image_size, info.channels)
-  conditional = config.model.class_conditional
-  labels = jnp.asarray(grid_labels(n, info.num_classes))
-  guidance = None if cfg.guidance_scale == 1.0 else cfg.guidance_scale
+  num_classes = info.num_classes if config.model.class_conditional else 0
+  diffusion_model = sampling.DiffusionModel(
+      module=model, params=None, schedule=schedule, prediction=config.diffusion.prediction,
+      image_shape=(info.image_size, info.image_size, info.channels), num_classes=num_classes,
+      learn_sigma=config.model.learn_sigma,
+      has_null_label=num_classes > 0 and config.model.class_dropout_prob > 0)
+  settings = sampling.SamplerSettings(
+      method=cfg.method, num_steps=cfg.num_steps, eta=cfg.eta, clip_denoised=cfg.clip_denoised,
+      guidance_scale=cfg.guidance_scale)
+  batch_fn = sampling.make_batch_fn(diffusion_model, settings)
+  replicated = sharding_lib.replicated(mesh)
+  per_image = sharding_lib.batch_sharding(mesh) if n % mesh.size == 0 else replicated
+  jitted = jax.jit(batch_fn, in_shardings=(params_shardings, replicated, per_image, per_image),
+                   out_shardings=replicated)
+  # Every process holds a replica of the key; the inputs become global arrays (multi-host).
+  key_data = sampling.global_array(
+      np.asarray(jax.random.key_data(key).addressable_data(0)), replicated)
 
-  def generate(params, key):
-    example_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
-    x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(example_keys)
-    if n % mesh.size == 0:
-      x_T = jax.lax.with_sharding_constraint(x_T, sharding_lib.batch_sharding(mesh))
-
-    def model_fn(x, t):
-      y = None
-      if conditional:
-        y = labels
-        if guidance is not None:
-          y = jnp.concatenate([labels, jnp.full_like(labels, info.num_classes)])
-      return model.apply({"params": params}, x, t, y, train=False)
-
-    return sample(model_fn, schedule, x_T, jax.vmap(jax.random.fold_in, (0, None))(example_keys, 1),
-                  method=cfg.method, num_steps=cfg.num_steps, eta=cfg.eta,
-                  prediction=config.diffusion.prediction, clip_denoised=cfg.clip_denoised,
-                  guidance_scale=guidance,
-                  variance="learned" if config.model.learn_sigma else "fixed_small")
-
-  jitted = jax.jit(generate, in_shardings=(params_shardings, sharding_lib.replicated(mesh)),
-                   out_shardings=sharding_lib.replicated(mesh))
-  default_key = key
-  return lambda params, key=default_key: np.asarray(jax.device_get(jitted(params, key)))
+  def generate(params, first_index: int = 0) -> np.ndarray:
+    indices = np.arange(first_index, first_index + n, dtype=np.int32)
+    labels = sampling.example_labels(first_index + n, (), num_classes)[first_index:]
+    images_out = jitted(params, key_data, sampling.global_array(indices, per_image),
+                        sampling.global_array(labels, per_image))
+    return np.asarray(images_out.addressable_data(0))
+  return generate
 
 
 def save_grid(workdir: str, step: int, samples: np.ndarray) -> tuple[str, np.ndarray]:
