@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fidelity_reference
-from jaxdiff.eval import torch_checkpoint
+from jaxdiff.convert import torch_checkpoint
 from jaxdiff.eval import weights
 
 

@@ -4,34 +4,14 @@
 diffusers model folder and dispatches on `_class_name`.
 """
 
-import json
-import os
-
-import numpy as np
-from safetensors.numpy import load_file
-
 from jaxdiff.convert import dit as _dit
 from jaxdiff.convert import unet as _unet
+from jaxdiff.convert.common import read_diffusers_folder
 
 _CONVERTERS = {
     "UNet2DModel": _unet.convert,
     "DiTTransformer2DModel": _dit.convert,
 }
-
-
-def read_diffusers_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """Returns (config dict, {torch parameter name: float32 array}) of a diffusers model folder."""
-  config_path = os.path.join(path, "config.json")
-  weights_path = os.path.join(path, "diffusion_pytorch_model.safetensors")
-  for p in (config_path, weights_path):
-    if not os.path.exists(p):
-      raise FileNotFoundError(
-          f"{p} not found: load_diffusers needs a diffusers model folder "
-          "(config.json + diffusion_pytorch_model.safetensors, from save_pretrained)")
-  with open(config_path) as f:
-    config = json.load(f)
-  state = {k: np.asarray(v, np.float32) for k, v in load_file(weights_path).items()}
-  return config, state
 
 
 def load_diffusers(path: str, **module_overrides):

@@ -10,11 +10,11 @@ diffusers differs from the paper's code in ways the converted module must reprod
 - the label table always has the null row (its class dropout is fixed at 0.1).
 """
 
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.convert import common
 from jaxdiff.models.dit import DiT
 
 # Fields that only change how the module computes, not which parameters it has.
@@ -72,11 +72,6 @@ def module_fields(config: dict) -> dict:
       pos_embed_base_size=sample_size // patch_size)
 
 
-def _dense(state: dict, prefix: str) -> dict:
-  """torch Linear (weight [out, in], bias [out]) -> flax Dense {kernel [in, out], bias}."""
-  return {"kernel": state.pop(f"{prefix}.weight").T, "bias": state.pop(f"{prefix}.bias")}
-
-
 def _shared_embedder(state: dict, depth: int) -> dict:
   """Pops every block's embedder copy, checks they equal block 0's, returns jaxdiff params."""
   suffixes = [f"{name}.{kind}" for name in _EMBEDDER for kind in ("weight", "bias")]
@@ -92,7 +87,7 @@ def _shared_embedder(state: dict, depth: int) -> dict:
             "paper), so every block's norm1.emb must hold the same weights")
   params = {"time_embed": {}}
   for name, dense_name in _EMBEDDER.items():
-    params["time_embed"][dense_name] = _dense(state, f"transformer_blocks.0.{name}")
+    params["time_embed"][dense_name] = common.pop_dense(state, f"transformer_blocks.0.{name}")
   params["label_embed"] = {"embedding": state.pop(f"transformer_blocks.0.{_LABEL_TABLE}")}
   return params
 
@@ -105,8 +100,8 @@ def _block(state: dict, i: int) -> dict:
     node = block
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = _dense(state, f"{prefix}.{name}")
-  qkv = [_dense(state, f"{prefix}.attn1.to_{x}") for x in "qkv"]
+    node[path[-1]] = common.pop_dense(state, f"{prefix}.{name}")
+  qkv = [common.pop_dense(state, f"{prefix}.attn1.to_{x}") for x in "qkv"]
   block["attn"]["qkv"] = {
       "kernel": np.concatenate([d["kernel"] for d in qkv], axis=1),
       "bias": np.concatenate([d["bias"] for d in qkv], axis=0),
@@ -120,11 +115,7 @@ def _check_layout(module: DiT, params: dict, config: dict):
   x = jnp.zeros((1, size, size, config.get("in_channels", 4)), jnp.float32)
   label = jnp.zeros((1,), jnp.int32)
   expected = jax.eval_shape(lambda: module.init(jax.random.key(0), x, label, label))["params"]
-  expected = {k: v.shape for k, v in flax.traverse_util.flatten_dict(expected, sep="/").items()}
-  got = {k: v.shape for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
-  if expected != got:
-    diff = sorted(set(expected.items()) ^ set(got.items()))
-    raise ValueError(f"converted DiT params do not match the module's layout: {diff[:8]}")
+  common.check_shapes(expected, params, "converted DiT params")
 
 
 def convert(config: dict, state: dict[str, np.ndarray], **module_overrides):
@@ -156,15 +147,14 @@ def convert(config: dict, state: dict[str, np.ndarray], **module_overrides):
     params = _shared_embedder(state, module.depth)
     blocks = [_block(state, i) for i in range(module.depth)]
     params["patch_embed"] = {
-        "kernel": state.pop("pos_embed.proj.weight").transpose(2, 3, 1, 0),
+        "kernel": common.flax_kernel(state.pop("pos_embed.proj.weight")),
         "bias": state.pop("pos_embed.proj.bias"),
     }
     params["final_layer"] = {
-        "modulation": _dense(state, "proj_out_1"), "dense": _dense(state, "proj_out_2")}
+        "modulation": common.pop_dense(state, "proj_out_1"), "dense": common.pop_dense(state, "proj_out_2")}
   except KeyError as missing:
     raise ValueError(f"DiT checkpoint lacks the weight {missing}") from None
-  if state:
-    raise ValueError(f"DiT checkpoint has weights jaxdiff does not use: {sorted(state)[:8]}")
+  common.check_consumed(state, "the DiT checkpoint")
   if module.scan_blocks:
     params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
   else:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.convert import common
 from jaxdiff.models.unet import UNet
 
 # UNet2DModel.__init__ defaults, for hub configs written by older diffusers that omit fields.
@@ -175,9 +176,7 @@ def _flax_leaf(path: tuple[str, ...], key: str, value: np.ndarray) -> tuple[str,
     return "embedding", value
   if path[-1].startswith("norm"):
     return "scale", value
-  if value.ndim == 4:
-    return "kernel", value.transpose(2, 3, 1, 0)
-  return "kernel", value.T
+  return "kernel", common.flax_kernel(value)
 
 
 def convert_state(state: dict[str, np.ndarray], num_levels: int) -> dict:
@@ -189,10 +188,7 @@ def convert_state(state: dict[str, np.ndarray], num_levels: int) -> dict:
       unmapped.append(key)
       continue
     leaf, array = _flax_leaf(path, key, np.asarray(value))
-    node = params
-    for name in path:
-      node = node.setdefault(name, {})
-    node[leaf] = array
+    common.nested_set(params, (*path, leaf), array)
   if unmapped:
     raise ValueError(f"{len(unmapped)} UNet2DModel weights have no jaxdiff counterpart, "
                      f"e.g. {sorted(unmapped)[:5]}")
@@ -205,18 +201,7 @@ def _check_params(module: UNet, params: dict, in_channels: int) -> None:
   x = jnp.zeros((1, size, size, in_channels))
   y = jnp.zeros((1,), jnp.int32) if module.num_classes else None
   expected = jax.eval_shape(lambda: module.init(jax.random.key(0), x, jnp.zeros((1,)), y))
-  flat_expected = {jax.tree_util.keystr(p): a.shape
-                   for p, a in jax.tree_util.tree_leaves_with_path(expected["params"])}
-  flat_got = {jax.tree_util.keystr(p): a.shape
-              for p, a in jax.tree_util.tree_leaves_with_path(params)}
-  missing = sorted(set(flat_expected) - set(flat_got))
-  extra = sorted(set(flat_got) - set(flat_expected))
-  wrong = sorted(k for k in set(flat_got) & set(flat_expected) if flat_got[k] != flat_expected[k])
-  if missing or extra or wrong:
-    raise ValueError(
-        "converted UNet2DModel weights do not fit the UNet: "
-        f"missing {missing[:5]}, unexpected {extra[:5]}, "
-        f"wrong shapes {[(k, flat_got[k], flat_expected[k]) for k in wrong[:5]]}")
+  common.check_shapes(expected["params"], params, "converted UNet2DModel weights")
 
 
 def convert(config: dict, state: dict[str, np.ndarray], **module_overrides):

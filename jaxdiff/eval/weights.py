@@ -16,11 +16,11 @@ import shutil
 import tempfile
 import urllib.request
 
-import jax
 import numpy as np
 
 from jaxdiff.eval import inception
-from jaxdiff.eval import torch_checkpoint
+from jaxdiff.convert import common
+from jaxdiff.convert import torch_checkpoint
 
 PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -140,18 +140,10 @@ def _to_flax(name: str, value: np.ndarray):
   for leaf, (collection, flax_leaf) in _LEAVES.items():
     if name.endswith("." + leaf):
       module_path = tuple(name[:-len(leaf) - 1].split("."))
-      if leaf == "conv.weight":
-        value = value.transpose(2, 3, 1, 0)  # [O, I, kh, kw] -> [kh, kw, I, O]
-      elif module_path == ("fc",) and leaf == "weight":
-        value = value.T
+      if leaf == "conv.weight" or (module_path == ("fc",) and leaf == "weight"):
+        value = common.flax_kernel(value)
       return collection, module_path + flax_leaf, value
   raise WeightsError(f"unexpected entry in the Inception weights: {name}")
-
-
-def _nested_set(tree: dict, path: tuple, value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
 
 
 def convert_state_dict(state: dict[str, np.ndarray]) -> tuple[bool, dict]:
@@ -170,21 +162,10 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> tuple[bool, dict]:
     if name.endswith("num_batches_tracked"):
       continue
     collection, path, array = _to_flax(name, np.asarray(value, np.float32))
-    _nested_set(variables[collection], path, array)
+    common.nested_set(variables[collection], path, array)
   with_logits = "fc" in variables["params"]
-  expected = inception.variable_shapes(with_logits)
-  got_paths = {jax.tree_util.keystr(p): v.shape
-               for p, v in jax.tree_util.tree_leaves_with_path(variables)}
-  want_paths = {jax.tree_util.keystr(p): v.shape
-                for p, v in jax.tree_util.tree_leaves_with_path(expected)}
-  missing = sorted(set(want_paths) - set(got_paths))
-  unexpected = sorted(set(got_paths) - set(want_paths))
-  wrong = sorted(k for k in set(want_paths) & set(got_paths) if want_paths[k] != got_paths[k])
-  if missing or unexpected or wrong:
-    raise WeightsError(
-        f"the weights do not fit the FID Inception-v3: missing {missing[:3]}, unexpected "
-        f"{unexpected[:3]}, wrong shape {wrong[:3]} ({len(missing)}/{len(unexpected)}/"
-        f"{len(wrong)} in all)")
+  common.check_shapes(inception.variable_shapes(with_logits), variables,
+                      "the Inception weights", WeightsError)
   return with_logits, variables
 
 

@@ -1,4 +1,4 @@
-"""jaxdiff.eval.torch_checkpoint against torch.load."""
+"""jaxdiff.convert.torch_checkpoint against torch.load."""
 import collections
 import datetime
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxdiff.eval import torch_checkpoint
+from jaxdiff.convert import torch_checkpoint
 
 
 def _state_dict():
