@@ -8,8 +8,11 @@ The argument after ':' is a comma-separated list of variants parsed by `apply_va
   tiny               a tiny model, batch 8, a few steps (tests, debugging on a laptop)
   model=NAME         another size from the table, e.g. model=dit-b/2 (clears model.overrides)
   steps=N            train for N steps
+  batch=N            global batch of N
 The returned ConfigDict is locked: an override of a field that does not exist is an error.
 """
+
+from typing import Callable, Mapping
 
 import ml_collections
 
@@ -114,8 +117,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
-def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:
-  """Applies the comma-separated variants of the config argument (see the module docstring)."""
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None,
+                   extra: Mapping[str, Callable[[ml_collections.ConfigDict, str], None]]
+                   | None = None) -> None:
+  """Applies the comma-separated variants of the config argument (see the module docstring).
+
+  Args:
+    config: the config to change in place.
+    arg: e.g. "tiny,steps=100".
+    extra: an experiment config's own variants, {name: apply(config, value)}.
+  """
+  extra = extra or {}
   for variant in filter(None, (arg or "").split(",")):
     name, _, value = variant.partition("=")
     if name == "tiny":
@@ -126,8 +138,13 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:
         config.model.overrides[field] = None
     elif name == "steps" and value:
       config.train.num_steps = int(value)
+    elif name == "batch" and value:
+      config.train.batch_size = int(value)
+    elif name in extra:
+      extra[name](config, value)
     else:
-      raise ValueError(f"unknown config variant {variant!r}; use tiny, model=NAME or steps=N")
+      names = ", ".join(["tiny", "model=NAME", "steps=N", "batch=N", *extra])
+      raise ValueError(f"unknown config variant {variant!r}; use {names}")
 
 
 def _make_tiny(config: ml_collections.ConfigDict) -> None:

@@ -3,12 +3,8 @@
   python -m jaxdiff.train --config=configs/fashion_mnist_dit.py --workdir=runs/fmnist_dit
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import fashion_mnist_unet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import base
+from configs import fashion_mnist_unet
 
 
 def get_config(arg: str | None = None):

@@ -7,27 +7,18 @@ backbone: compare their metrics.jsonl losses and sample grids at equal steps. Ne
 TFDS fashion_mnist dataset (see README).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import base
+from configs import datasets
 
 
 def fashion_mnist_config():
   """Everything but the backbone (shared by fashion_mnist_unet.py and fashion_mnist_dit.py)."""
   config = base.get_config()
+  datasets.fashion_mnist(config)
   config.model.class_conditional = True
   config.model.class_dropout_prob = 0.1
-  config.data.source = "tfds"
-  config.data.name = "fashion_mnist"
-  config.data.image_size = 32
-  config.data.random_flip = True
   config.optimizer.learning_rate = 2e-4
-  config.optimizer.warmup_steps = 1000
   config.train.num_steps = 100_000
-  config.train.batch_size = 128
-  config.train.ema_decays = (0.9999,)
   config.train.sample_every = 5000
   config.sample.guidance_scale = 2.0
   return config

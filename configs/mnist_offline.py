@@ -7,20 +7,13 @@ params every 250 steps (runs/mnist/samples/step_XXXXXX.png). Measured on a share
 2-core CPU: compilation under a minute, then about 1.5 steps/s (first grid after ~4 minutes).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import base
 
 
 def get_config(arg: str | None = None):
   config = base.get_config()
   config.model.name = "unet-tiny"
   config.model.overrides.channels = 16  # about 0.2M parameters: a few steps per second on a CPU
-  config.data.source = "mnist_offline"
-  config.data.image_size = 32
-  config.diffusion.num_timesteps = 1000
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 100
   config.optimizer.decay = "cosine"

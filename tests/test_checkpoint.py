@@ -7,18 +7,15 @@ device count), and the files on disk before and after a refused restore.
 import hashlib
 import os
 import signal
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from configs import base
 from jaxdiff.train import checkpoint, loop
-from jaxdiff.train import sharding as sharding_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def tiny_config(num_steps=4, **overrides):

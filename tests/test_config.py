@@ -1,7 +1,7 @@
 """Tests for configs/ and jaxdiff.config: every config parses, recipes match the papers, and bad
 values are refused with a message that names the field."""
 
-import importlib.util
+import importlib
 import os
 
 import ml_collections
@@ -12,15 +12,11 @@ from jaxdiff.data import DatasetInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("base", "cifar_dit", "cifar_unet", "fashion_mnist_unet", "fashion_mnist_dit",
-               "mnist_offline")
+               "mnist_offline", "unet_vs_dit")
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"test_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -94,6 +90,31 @@ def test_variants():
   assert c.model.name == "dit-b/2" and c.train.num_steps == 10
   with pytest.raises(ValueError, match="unknown config variant"):
     load("cifar_dit", "huge")
+
+
+def test_unet_vs_dit_variants_differ_only_in_the_backbone():
+  unet = load("unet_vs_dit", "backbone=unet,scale=cpu,steps=40").to_dict()
+  dit = load("unet_vs_dit", "backbone=dit,scale=cpu,steps=40").to_dict()
+  assert (unet["model"].pop("name"), dit["model"].pop("name")) == ("unet-tiny", "dit-s/2")
+  unet["model"].pop("overrides"), dit["model"].pop("overrides")
+  assert unet == dit
+  assert unet["train"]["num_steps"] == 40 and unet["optimizer"]["warmup_steps"] == 2
+  with pytest.raises(ValueError, match="backbone"):
+    load("unet_vs_dit", "backbone=vit")
+
+
+def test_configs_do_not_restate_base_defaults():
+  base = load("base").to_dict()
+  for name in EXPERIMENTS[1:]:
+    path = os.path.join(REPO, "configs", f"{name}.py")
+    with open(path, encoding="utf-8") as f:
+      assignments = {line.split("#")[0].strip() for line in f}
+    for section, fields in base.items():
+      if not isinstance(fields, dict):
+        continue
+      for field, value in fields.items():
+        line = f"config.{section}.{field} = {value!r}"
+        assert line not in assignments, f"{name}.py restates the base default: {line}"
 
 
 def _parse_with(name="base", **overrides):

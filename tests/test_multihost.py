@@ -10,11 +10,10 @@ import sys
 import jax
 import numpy as np
 
+from configs import base
 from jaxdiff.train import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 OVERRIDES = {"data.image_size": 8, "train.num_steps": 2, "train.log_every": 1,
              "train.sample_every": 0, "checkpoint.every_steps": 2}

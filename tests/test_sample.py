@@ -263,7 +263,6 @@ def _cli(*args):
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
   """A class-conditional dit-tiny trained for one step by the training library on MNIST."""
-  sys.path.insert(0, REPO)
   from configs import mnist_offline  # pylint: disable=g-import-not-at-top
   from jaxdiff.train import loop  # pylint: disable=g-import-not-at-top
   config = mnist_offline.get_config("model=dit-s/2,tiny,steps=1")

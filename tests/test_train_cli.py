@@ -173,7 +173,6 @@ def test_fid_during_training_matches_torch_fidelity_features(tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import fidelity_reference  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, REPO)
   from configs import mnist_offline  # pylint: disable=g-import-not-at-top
   from jaxdiff import images  # pylint: disable=g-import-not-at-top
   from jaxdiff.diffusion import make_schedule  # pylint: disable=g-import-not-at-top

@@ -51,7 +51,7 @@ class DataConfig:
   random_flip: bool = False
   image_key: str = "image"
   label_key: str = "label"
-  download: bool = True
+  download: bool = False
   num_workers: int = 0
   num_threads: int = 4
   prefetch: int = 4
