@@ -101,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.method = "ddim"  # Sampler for grids during training: ddpm | ddim | dpmpp_2m | heun.
   config.sample.num_steps = 50  # Sampler steps.
   config.sample.eta = 0.0  # DDIM eta (0 = deterministic).
+  config.sample.spacing = "leading"  # Timestep grid: leading | linspace | trailing.
   config.sample.num_images = 64  # Images per grid (labels cycle 0..num_classes-1 if conditional).
   config.sample.guidance_scale = 1.0  # Classifier-free guidance uncond + s * (cond - uncond); 1 = off.
   config.sample.ema_decay = 0.0  # Which EMA params to sample from; 0 = the first of train.ema_decays.

@@ -1,6 +1,6 @@
 """Train-step speed: images/s, step time, compile time, memory and MFU, against PyTorch.
 
-Times jaxdiff's real jitted train step (`jaxdiff.train.loop.make_step_fn`: loss, backward,
+Times jaxdiff's real jitted train step (`jaxdiff.train.builder.make_step_fn`: loss, backward,
 clipping, AdamW, EMA; state donated) on a fixed 32x32x3 batch for each model and compute dtype,
 and, with --torch, the same architecture in diffusers with an AdamW step on the same batch
 (see experiments/torch_reference.py). MFU = XLA's FLOPs of the step / step time / the peak

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import ml_collections
 
 from jaxdiff.data import DataConfig, DatasetInfo
-from jaxdiff.diffusion import LOSS_TYPES, METHODS, PREDICTIONS, SCHEDULE_NAMES, WEIGHTINGS
+from jaxdiff.diffusion import (LOSS_TYPES, METHODS, PREDICTIONS, SCHEDULE_NAMES, SPACINGS,
+                               WEIGHTINGS, SamplerSettings)
 
 MODEL_DTYPES = ("float32", "bfloat16")
 DECAYS = ("constant", "cosine")
@@ -83,13 +84,9 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-  method: str
-  num_steps: int
-  eta: float
+  sampler: SamplerSettings  # from the section's method, num_steps, eta, spacing, clip, guidance
   num_images: int
-  guidance_scale: float
   ema_decay: float  # resolved: always one of train.ema_decays
-  clip_denoised: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +167,8 @@ def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
       train=_section(config_dict, TrainConfig, "train", ema_decays=ema_decays),
       checkpoint=_section(config_dict, CheckpointConfig, "checkpoint"),
       mesh=_section(config_dict, MeshConfig, "mesh"),
-      sample=_section(config_dict, SampleConfig, "sample", ema_decay=sample_decay),
+      sample=_section(config_dict, SampleConfig, "sample", ema_decay=sample_decay,
+                      sampler=_section(config_dict, SamplerSettings, "sample")),
       eval=_section(config_dict, EvalConfig, "eval"))
   _check_model(config.model)
   _check_diffusion(config.diffusion)
@@ -245,18 +243,20 @@ def _check_train(config: Config) -> None:
 
 
 def _check_sample(config: Config) -> None:
-  sample = config.sample
-  _check(sample.method in METHODS, "sample.method", sample.method, f"choose one of {METHODS}")
-  _check(1 <= sample.num_steps <= config.diffusion.num_timesteps, "sample.num_steps",
-         sample.num_steps, f"use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}")
+  sample, sampler = config.sample, config.sample.sampler
+  _check(sampler.method in METHODS, "sample.method", sampler.method, f"choose one of {METHODS}")
+  _check(sampler.spacing in SPACINGS, "sample.spacing", sampler.spacing,
+         f"choose one of {SPACINGS}")
+  _check(1 <= sampler.num_steps <= config.diffusion.num_timesteps, "sample.num_steps",
+         sampler.num_steps, f"use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}")
   _check(sample.num_images >= 1, "sample.num_images", sample.num_images, "use 1 or more")
   _check(sample.ema_decay in config.train.ema_decays, "sample.ema_decay", sample.ema_decay,
          f"use 0 or one of train.ema_decays={config.train.ema_decays}")
-  _check(sample.guidance_scale >= 0, "sample.guidance_scale", sample.guidance_scale,
+  _check(sampler.guidance_scale >= 0, "sample.guidance_scale", sampler.guidance_scale,
          "use 1 (off: the plain conditional model) or another non-negative scale")
-  if sample.guidance_scale != 1.0:
+  if sampler.guided:
     _check(config.model.class_conditional and config.model.class_dropout_prob > 0,
-           "sample.guidance_scale", sample.guidance_scale,
+           "sample.guidance_scale", sampler.guidance_scale,
            "guidance needs model.class_conditional=True and model.class_dropout_prob > 0")
 
 

@@ -10,57 +10,59 @@ statistics of a TFDS split once and caches them under --cache_dir.
 
 Results go to JSON next to the samples (S_metrics.json, or --output) and to a table on stdout;
 each score carries the sample count, sampler, steps, guidance and seed. FID from fewer than
-10,000 samples is labelled "FID-<n> (proxy)". Bad input ends with one line on stderr, exit 1.
+10,000 samples is labelled "FID-<n> (proxy)". Bad input exits with one line on stderr
+(`error: ...`) and status 2 (see `jaxdiff.cli`).
 """
+import dataclasses
 import json
 import os
-import sys
 
-from absl import app
-from absl import flags
-
+from jaxdiff import cli
 from jaxdiff.eval import evaluator
 from jaxdiff.eval import features as features_lib
 from jaxdiff.eval import reference as reference_lib
 from jaxdiff.eval import weights
 
-_SAMPLES = flags.DEFINE_string("samples", None, "Samples .npz (arr_0: uint8 [N, H, W, C]).")
-_REFERENCE = flags.DEFINE_string(
-    "reference", None, "Reference .npz of images (arr_0) or statistics (mu, sigma[, features]).")
-_DATASET = flags.DEFINE_string("dataset", None, "TFDS dataset for reference statistics.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split of --dataset.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Image size of --dataset images.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory for --dataset.")
-_MAX_REFERENCE = flags.DEFINE_integer(
-    "max_reference_images", None, "Use only the first N images of --dataset.")
-_WEIGHTS = flags.DEFINE_string(
-    "inception_weights", None,
-    "Local FID Inception weights (pt_inception-2015-12-05-6726825d.pth or "
-    "weights-inception-2015-12-05-6726825d.pth); unset: cache or download.")
-_CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", weights.DEFAULT_CACHE_DIR, "Where weights and dataset statistics are cached.")
-_METRICS = flags.DEFINE_list("metrics", list(evaluator.ALL_METRICS), "Any of fid, kid, is, pr.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per feature batch (all devices).")
-_KID_SUBSETS = flags.DEFINE_integer("kid_subsets", 100, "KID subsets.")
-_KID_SUBSET_SIZE = flags.DEFINE_integer("kid_subset_size", 1000, "KID subset size (capped at N).")
-_OUTPUT = flags.DEFINE_string("output", None, "Results JSON (default: <samples>_metrics.json).")
-
 # Sample-CLI metadata shown next to every score.
 CONTEXT_KEYS = ("method", "num_steps", "guidance_scale", "seed", "checkpoint_step")
 
 
-class UsageError(ValueError):
-  """Flags that do not make sense together."""
+def _option(default, help_text: str):
+  return dataclasses.field(default=default, metadata={"help": help_text})
 
 
-def _load_reference(extractor) -> tuple[dict, str]:
-  if _REFERENCE.value:
-    return reference_lib.load_reference(_REFERENCE.value, extractor), _REFERENCE.value
+@dataclasses.dataclass(frozen=True)
+class EvaluateOptions:
+  """What the CLI was asked to do; each field is the flag of the same name (`jaxdiff.cli`)."""
+  samples: str | None = _option(None, "Samples .npz (arr_0: uint8 [N, H, W, C]).")
+  reference: str | None = _option(
+      None, "Reference .npz of images (arr_0) or statistics (mu, sigma[, features]).")
+  dataset: str | None = _option(None, "TFDS dataset for reference statistics.")
+  split: str = _option("train", "Split of --dataset.")
+  image_size: int = _option(32, "Image size of --dataset images.")
+  data_dir: str | None = _option(None, "TFDS data directory for --dataset.")
+  max_reference_images: int | None = _option(None, "Use only the first N images of --dataset.")
+  inception_weights: str | None = _option(
+      None, "Local FID Inception weights (pt_inception-2015-12-05-6726825d.pth or "
+      "weights-inception-2015-12-05-6726825d.pth); unset: cache or download.")
+  cache_dir: str = _option(weights.DEFAULT_CACHE_DIR,
+                           "Where weights and dataset statistics are cached.")
+  metrics: str = _option(",".join(evaluator.ALL_METRICS),
+                         "Comma-separated, any of fid, kid, is, pr.")
+  batch_size: int = _option(200, "Images per feature batch (all devices).")
+  kid_subsets: int = _option(100, "KID subsets.")
+  kid_subset_size: int = _option(1000, "KID subset size (capped at N).")
+  output: str | None = _option(None, "Results JSON (default: <samples>_metrics.json).")
+
+
+def _load_reference(options: EvaluateOptions, extractor) -> tuple[dict, str]:
+  if options.reference:
+    return reference_lib.load_reference(options.reference, extractor), options.reference
   stats, path = reference_lib.dataset_statistics(
-      _DATASET.value, _SPLIT.value, extractor, _CACHE_DIR.value, image_size=_IMAGE_SIZE.value,
-      data_dir=_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
-      max_images=_MAX_REFERENCE.value)
-  return stats, f"{_DATASET.value}:{_SPLIT.value} ({path})"
+      options.dataset, options.split, extractor, options.cache_dir,
+      image_size=options.image_size, data_dir=options.data_dir, batch_size=options.batch_size,
+      max_images=options.max_reference_images)
+  return stats, f"{options.dataset}:{options.split} ({path})"
 
 
 def score_rows(metrics: dict, metadata: dict) -> list[dict]:
@@ -95,27 +97,31 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run() -> dict:
-  """Evaluates per the flags; returns (and writes) the results dict."""
-  if not _SAMPLES.value:
-    raise UsageError("--samples=S.npz is required")
-  if bool(_REFERENCE.value) == bool(_DATASET.value):
-    raise UsageError("pass exactly one of --reference=R.npz or --dataset=NAME")
-  images, metadata = reference_lib.load_samples(_SAMPLES.value)
-  weights_path = weights.resolve_weights_path(_WEIGHTS.value, _CACHE_DIR.value)
+def run(options: EvaluateOptions) -> dict:
+  """Evaluates per the options; returns (and writes) the results dict."""
+  if not options.samples:
+    raise cli.UsageError("--samples=S.npz is required")
+  if bool(options.reference) == bool(options.dataset):
+    raise cli.UsageError("pass exactly one of --reference=R.npz or --dataset=NAME")
+  names = tuple(name.strip() for name in options.metrics.split(",") if name.strip())
+  unknown = sorted(set(names) - set(evaluator.ALL_METRICS))
+  if unknown:
+    raise cli.UsageError(f"--metrics={options.metrics!r}: unknown {unknown}; choose from "
+                         f"{', '.join(evaluator.ALL_METRICS)}")
+  images, metadata = reference_lib.load_samples(options.samples)
+  weights_path = weights.resolve_weights_path(options.inception_weights, options.cache_dir)
   model, variables = weights.load_inception(weights_path)
-  extractor = features_lib.FeatureExtractor(model, variables, _BATCH_SIZE.value)
-  reference, reference_name = _load_reference(extractor)
+  extractor = features_lib.FeatureExtractor(model, variables, options.batch_size)
+  reference, reference_name = _load_reference(options, extractor)
   metrics = evaluator.compute_metrics(
-      extractor(images), reference, tuple(_METRICS.value), _KID_SUBSETS.value,
-      _KID_SUBSET_SIZE.value)
+      extractor(images), reference, names, options.kid_subsets, options.kid_subset_size)
   results = {
-      "samples": _SAMPLES.value, "reference": reference_name,
+      "samples": options.samples, "reference": reference_name,
       "num_samples": metrics["num_samples"], "num_reference": reference.get("num_images"),
       "inception_weights": weights_path,
       "metadata": metadata, "metrics": metrics, "scores": score_rows(metrics, metadata),
   }
-  output = _OUTPUT.value or os.path.splitext(_SAMPLES.value)[0] + "_metrics.json"
+  output = options.output or os.path.splitext(options.samples)[0] + "_metrics.json"
   with open(output, "w") as f:
     json.dump(results, f, indent=2)
   print(format_table(results["scores"]))
@@ -125,17 +131,8 @@ def run() -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f"jaxdiff.evaluate: error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    run()
-  except (ValueError, OSError) as e:
-    message = " ".join(str(e).split())
-    print(f"jaxdiff.evaluate: error: {message}", file=sys.stderr)
-    sys.exit(1)
+ERRORS = (ValueError, OSError)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(EvaluateOptions, run, ERRORS)

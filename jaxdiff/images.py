@@ -1,4 +1,4 @@
-"""Turning model outputs into image files: quantisation, grids, PNG and GIF.
+"""Turning model outputs into image files: quantisation, grids, PNG, GIF and ADM-layout npz.
 
 Shared by the training loop (sample grids) and the sample CLI. Images are NHWC; float images are
 in [-1, 1]. Files are written to a temporary name and renamed, so a crash never leaves a
@@ -7,7 +7,7 @@ half-written image behind.
 
 import os
 import tempfile
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -114,3 +114,35 @@ def save_gif(path, frames: Sequence, duration_ms: int = 100, loop: int = 0) -> N
   _atomic_save(path, lambda tmp: pil_frames[0].save(
       tmp, format="GIF", save_all=True, append_images=pil_frames[1:], duration=duration_ms,
       loop=loop))
+
+
+def save_npz(path, samples: np.ndarray, labels: np.ndarray | None,
+             metadata: dict[str, Any]) -> None:
+  """Writes samples in the layout of the ADM (guided-diffusion) evaluation suite.
+
+  Args:
+    path: output .npz.
+    samples: uint8 [N, H, W, C] as `arr_0`.
+    labels: int [N] as `arr_1` (class-conditional models), or None.
+    metadata: scalars (str, int, float, bool) stored as extra 0-d arrays, e.g. method, seed.
+  """
+  arrays = {"arr_0": samples}
+  if labels is not None:
+    arrays["arr_1"] = np.asarray(labels, np.int64)
+  arrays.update({key: np.asarray(value) for key, value in metadata.items()})
+  _atomic_save(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def animation_frames(trajectory: np.ndarray, num_frames: int) -> list[np.ndarray]:
+  """Grids of the reverse process at `num_frames` evenly spaced states, first and last included.
+
+  Args:
+    trajectory: uint8 [B, F, H, W, C], states x_t from x_T to the final sample.
+    num_frames: frames wanted (fewer if the trajectory is shorter).
+
+  Returns:
+    uint8 grid images [H', W', C], one per frame.
+  """
+  steps = trajectory.shape[1]
+  picks = np.unique(np.round(np.linspace(0, steps - 1, min(num_frames, steps))).astype(int))
+  return [make_grid(trajectory[:, step]) for step in picks]

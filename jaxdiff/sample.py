@@ -12,7 +12,7 @@ Writes to --out (default WORKDIR/samples/), with TAG naming the checkpoint, samp
   grid_TAG.png     the first 64 samples.
   reverse_TAG.gif  with --animate: the reverse process of the first 16 samples.
 Samples are quantised as round(clip((x + 1) * 127.5, 0, 255)) (float32, round half to even).
-Bad input exits with one line on stderr (`error: ...`) and status 2, as the training CLI.
+Bad input exits with one line on stderr (`error: ...`) and status 2 (see `jaxdiff.cli`).
 """
 
 import contextlib
@@ -20,58 +20,56 @@ import dataclasses
 import json
 import logging as std_logging
 import os
-import sys
 from typing import Any
 
 import jax
-from absl import app, flags
 
-from jaxdiff import convert, diffusion, images, sampling
+from jaxdiff import cli, convert, diffusion, images, sampling
+from jaxdiff.diffusion import SamplerSettings
 from jaxdiff.train import checkpoint
+from jaxdiff.train import sharding as sharding_lib
 
 METHODS = diffusion.METHODS
 SPACINGS = diffusion.SPACINGS
 PREDICTIONS = diffusion.PREDICTIONS
 
-EXIT_ERROR = 2  # As `python -m jaxdiff.train`: a problem reported on one line.
 
-
-class SampleInputError(ValueError):
+class SampleInputError(cli.UsageError):
   """Bad user input: reported as one line on stderr."""
+
+
+def _option(default, help_text: str):
+  return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-  """What the CLI was asked to do; fields mirror the flags of the same name."""
-  workdir: str | None = None
-  diffusers: str | None = None
-  step: int | None = None
-  schedule: str = "linear"
-  num_timesteps: int = 1000
-  prediction: str = "eps"
-  image_size: int | None = None
-  channels: int | None = None
-  sampler: sampling.SamplerSettings = sampling.SamplerSettings()
-  labels: tuple[int, ...] = ()
-  num_samples: int = 64
-  batch_size: int = 64
-  seed: int = 0
-  use_ema: bool = True
-  ema_decay: float | None = None
-  out: str | None = None
-  animate: bool = False
-  animate_frames: int = 20
-
-
-def parse_labels(text: str) -> tuple[int, ...]:
-  """'3, 5,7' -> (3, 5, 7); '' -> ()."""
-  try:
-    labels = tuple(int(part) for part in text.split(",") if part.strip())
-  except ValueError:
-    raise SampleInputError(f"--labels={text!r} must be comma-separated integers") from None
-  if any(label < 0 for label in labels):
-    raise SampleInputError(f"--labels={text!r} must be >= 0")
-  return labels
+  """What the CLI was asked to do; each field is the flag of the same name (`jaxdiff.cli`)."""
+  workdir: str | None = _option(None, "Training run to sample from (its checkpoints).")
+  diffusers: str | None = _option(
+      None, "A diffusers model folder (UNet2DModel / DiTTransformer2DModel) instead.")
+  step: int | None = _option(None, "Checkpoint step; default: the latest.")
+  schedule: str = _option("linear", "--diffusers only: beta schedule.")
+  num_timesteps: int = _option(1000, "--diffusers only: T.")
+  prediction: str = _option("eps", f"--diffusers only: {' | '.join(PREDICTIONS)}.")
+  image_size: int | None = _option(
+      None, "--diffusers only: image size; default: config.json sample_size.")
+  channels: int | None = _option(
+      None, "--diffusers only: image channels; default: config.json in_channels.")
+  sampler: SamplerSettings = SamplerSettings()
+  labels: tuple[int, ...] = _option(
+      (), "Comma-separated class labels, cycled over the samples; empty cycles "
+      "0..num_classes-1 (class-conditional models only).")
+  num_samples: int = _option(64, "Number of samples.")
+  batch_size: int = _option(64, "Samples per sampler call, all devices together.")
+  seed: int = _option(0, "Sample i uses fold_in(key(seed), i).")
+  use_ema: bool = _option(True, "Sample with the EMA parameters.")
+  ema_decay: float | None = _option(
+      None, "Which EMA, when the run keeps several; default: the run's config.sample.ema_decay.")
+  out: str | None = _option(
+      None, "Output folder; default: WORKDIR/samples, or ./samples with --diffusers.")
+  animate: bool = _option(False, "Also write a GIF of the reverse process.")
+  animate_frames: int = _option(20, "GIF frames (states shown).")
 
 
 def check_options(options: SampleOptions) -> None:
@@ -92,6 +90,8 @@ def check_options(options: SampleOptions) -> None:
   for name, value in positive:
     if value <= 0:
       raise SampleInputError(f"--{name}={value} must be > 0")
+  if any(label < 0 for label in options.labels):
+    raise SampleInputError(f"--labels={','.join(map(str, options.labels))} must be >= 0")
   if settings.eta < 0:
     raise SampleInputError(f"--eta={settings.eta} must be >= 0")
   if settings.guidance_scale is not None and settings.guidance_scale < 0:
@@ -133,12 +133,8 @@ def load_diffusers_model(options: SampleOptions) -> sampling.DiffusionModel:
     raise SampleInputError(f"{options.diffusers}/config.json has no sample_size/in_channels; "
                            "pass --image_size and --channels")
   height, width = (size, size) if isinstance(size, int) else size
-  return sampling.DiffusionModel(
-      module=module, params=params,
-      schedule=schedule, prediction=options.prediction, image_shape=(height, width, channels),
-      num_classes=getattr(module, "num_classes", 0),
-      learn_sigma=getattr(module, "learn_sigma", False),
-      has_null_label=getattr(module, "class_dropout_prob", 0.0) > 0)
+  return sampling.DiffusionModel.from_module(
+      module, params, schedule, options.prediction, (height, width, channels))
 
 
 def load_checkpoint_model(options: SampleOptions) -> tuple[sampling.DiffusionModel, dict]:
@@ -159,16 +155,13 @@ def load_checkpoint_model(options: SampleOptions) -> tuple[sampling.DiffusionMod
   if options.use_ema:
     ema_decay = pick_ema_decay(ema_params, options.ema_decay, config.sample.ema_decay)
     params = ema_params[ema_decay]
-  model = sampling.DiffusionModel(
-      module=module, params=params,
-      schedule=diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
-      prediction=config.diffusion.prediction,
-      image_shape=(config.data.image_size, config.data.image_size, config.data.channels),
-      num_classes=getattr(module, "num_classes", 0),
-      learn_sigma=getattr(module, "learn_sigma", False),
-      has_null_label=getattr(module, "class_dropout_prob", 0.0) > 0)
+  model = sampling.DiffusionModel.from_module(
+      module, params,
+      diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
+      config.diffusion.prediction,
+      (config.data.image_size, config.data.image_size, config.data.channels))
   return model, {"checkpoint_step": step, "ema_decay": ema_decay,
-                 "clip_denoised": config.sample.clip_denoised}
+                 "clip_denoised": config.sample.sampler.clip_denoised}
 
 
 @contextlib.contextmanager
@@ -250,20 +243,22 @@ def run(options: SampleOptions) -> dict[str, str]:
     options = dataclasses.replace(options, sampler=dataclasses.replace(
         options.sampler, clip_denoised=provenance["clip_denoised"]))
   labels = sampling.example_labels(options.num_samples, options.labels, model.num_classes)
-  mesh = sampling.make_mesh()
+  mesh = sharding_lib.make_mesh()
   if jax.process_index() == 0:
     print(f"sampling {options.num_samples} images of shape {model.image_shape} on "
           f"{mesh.devices.size} devices", flush=True)
-  samples = sampling.generate(
-      sampling.make_batch_fn(model, options.sampler), model.params, mesh, labels,
-      seed=options.seed, batch_size=options.batch_size)
+  key_data = sampling.seed_key_data(options.seed)
+  sample_fn = sampling.make_sampler(sampling.make_batch_fn(model, options.sampler), mesh,
+                                    batch_size=options.batch_size, progress=True)
+  samples = sample_fn(model.params, labels, key_data)
   trajectory = None
   if options.animate:
     # The same indices, keys and labels as the first samples: the GIF ends on those images.
     animated = labels[:sampling.ANIMATION_IMAGES]
-    trajectory = sampling.generate(
-        sampling.make_batch_fn(model, options.sampler, trajectory=True), model.params, mesh,
-        animated, seed=options.seed, batch_size=len(animated), progress=False)
+    animate_fn = sampling.make_sampler(
+        sampling.make_batch_fn(model, options.sampler, trajectory=True), mesh,
+        batch_size=len(animated))
+    trajectory = animate_fn(model.params, animated, key_data)
   paths = output_paths(options, provenance, animate=options.animate)
   if jax.process_index() == 0:
     _write(paths, samples, labels if model.num_classes else None, trajectory,
@@ -298,91 +293,16 @@ def _metadata(options: SampleOptions, provenance: dict[str, Any]) -> dict[str, A
 
 
 def _write(paths, samples, labels, trajectory, metadata, animate_frames) -> None:
-  sampling.write_npz(paths["npz"], samples, labels, metadata)
+  images.save_npz(paths["npz"], samples, labels, metadata)
   images.save_png(paths["png"], images.make_grid(samples[:sampling.GRID_IMAGES]))
   if trajectory is not None:
-    images.save_gif(paths["gif"], sampling.animation_frames(trajectory, animate_frames))
+    images.save_gif(paths["gif"], images.animation_frames(trajectory, animate_frames))
   for path in paths.values():
     print(f"wrote {path}", flush=True)
 
 
-def define_flags() -> None:
-  """Defines the CLI's flags; called at startup only, so that importing this module (tests, other
-  tools with flags of the same names) defines none."""
-  flags.DEFINE_string("workdir", None, "Training run to sample from (its checkpoints).")
-  flags.DEFINE_string(
-      "diffusers", None, "A diffusers model folder (UNet2DModel / DiTTransformer2DModel) instead.")
-  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-  flags.DEFINE_string("schedule", "linear", "--diffusers only: beta schedule.")
-  flags.DEFINE_integer("num_timesteps", 1000, "--diffusers only: T.")
-  flags.DEFINE_string("prediction", "eps", f"--diffusers only: {' | '.join(PREDICTIONS)}.")
-  flags.DEFINE_integer(
-      "image_size", None, "--diffusers only: image size; default: config.json sample_size.")
-  flags.DEFINE_integer(
-      "channels", None, "--diffusers only: image channels; default: config.json in_channels.")
-  flags.DEFINE_string("method", "ddim", f"Sampler: {' | '.join(METHODS)}.")
-  flags.DEFINE_integer("num_steps", 50, "Length of the timestep grid.")
-  flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic).")
-  flags.DEFINE_string("spacing", "leading", f"Timestep grid: {' | '.join(SPACINGS)}.")
-  flags.DEFINE_float(
-      "guidance_scale", None, "Classifier-free guidance scale s; unset or 1 = no guidance.")
-  flags.DEFINE_string(
-      "labels", "", "Comma-separated class labels, cycled over the samples; empty cycles "
-      "0..num_classes-1 (class-conditional models only).")
-  flags.DEFINE_integer("num_samples", 64, "Number of samples.")
-  flags.DEFINE_integer("batch_size", 64, "Samples per sampler call, all devices together.")
-  flags.DEFINE_integer("seed", 0, "Sample i uses fold_in(key(seed), i).")
-  flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters.")
-  flags.DEFINE_float(
-      "ema_decay", None, "Which EMA, when the run keeps several; default: the run's "
-      "config.sample.ema_decay.")
-  flags.DEFINE_string(
-      "out", None, "Output folder; default: WORKDIR/samples, or ./samples with --diffusers.")
-  flags.DEFINE_bool("animate", False, "Also write a GIF of the reverse process.")
-  flags.DEFINE_integer("animate_frames", 20, "GIF frames (states shown).")
-  flags.DEFINE_bool(
-      "clip_denoised", None, "Clip the predicted x_0 to [-1, 1] in every step; default: the "
-      "run's config.sample.clip_denoised (False with --diffusers).")
-
-
-def options_from_flags(values: flags.FlagValues) -> SampleOptions:
-  """SampleOptions from the parsed flags of `define_flags`."""
-  settings = sampling.SamplerSettings(
-      method=values.method, num_steps=values.num_steps, eta=values.eta, spacing=values.spacing,
-      clip_denoised=values.clip_denoised, guidance_scale=values.guidance_scale)
-  return SampleOptions(
-      workdir=values.workdir, diffusers=values.diffusers, step=values.step,
-      schedule=values.schedule, num_timesteps=values.num_timesteps,
-      prediction=values.prediction, image_size=values.image_size, channels=values.channels,
-      sampler=settings, labels=parse_labels(values.labels), num_samples=values.num_samples,
-      batch_size=values.batch_size, seed=values.seed, use_ema=values.use_ema,
-      ema_decay=values.ema_decay, out=values.out, animate=values.animate,
-      animate_frames=values.animate_frames)
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_ERROR)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports a bad flag value on one line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    _fail((str(error).strip().splitlines() or [repr(error)])[0])
-  return []
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
-  try:
-    run(options_from_flags(flags.FLAGS))
-  except (SampleInputError, FileNotFoundError) as error:
-    _fail(str(error))
+ERRORS = (SampleInputError, FileNotFoundError)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.main(SampleOptions, run, ERRORS)

@@ -1,18 +1,17 @@
-"""Sharded sampling whose result does not depend on the device count, and the files it writes.
+"""The one sharded sampler: used by `python -m jaxdiff.sample`, the training previews and FID
+during training. Its result does not depend on the device count.
 
-Every random draw of sample i comes from its own key `fold_in(key(seed), i)`, i the sample's global
-index in [0, num_samples): x_T is drawn from the first half of `split(key_i)` and the sampler's
-step noise from the second; the label of sample i is a function of i as well. So the samples for
-indices [0, n) are the same on 1 or 8 devices, for any batch size, and whether n or more samples
-are drawn.
+Every random draw of sample i comes from its own key `fold_in(base_key, i)`, i the sample's global
+index: x_T is drawn from the first half of `split(key_i)` and the sampler's step noise from the
+second; the label of sample i is a function of i as well. So the samples for indices [0, n) are
+the same on 1 or 8 devices, for any batch size, and whether n or more samples are drawn.
 
-Every process runs the same global computation over a 1-D mesh of all devices (axis "data"); the
-results are gathered to every process and process 0 writes the files.
+Every process runs the same global computation over a mesh of all devices (the batch split over
+every mesh axis); the results are gathered to every process.
 """
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff import diffusion, images
+from jaxdiff.diffusion import SamplerSettings
 
 # Images in the sample grid PNG and in the reverse-process GIF (the first ones of the run).
 GRID_IMAGES = 64
@@ -32,31 +32,8 @@ ANIMATION_IMAGES = 16
 # (params, base key data uint32 [2], global indices int32 [B], labels int32 [B])
 #   -> float32 [B, ...].
 BatchFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-  """How to sample; passed unchanged to `jaxdiff.diffusion.sample`.
-
-  Attributes:
-    method: sampler name (see `jaxdiff.diffusion.sample`).
-    num_steps: length of the timestep grid (heun evaluates the model 2n - 1 times).
-    eta: DDIM stochasticity; 0 is deterministic.
-    spacing: timestep grid: leading | trailing | linspace.
-    clip_denoised: clip the predicted x_0 to [-1, 1] in every step (None: not yet resolved from
-      the model's source, see `jaxdiff.sample`).
-    guidance_scale: classifier-free guidance scale s; None or 1 sample the conditional model.
-  """
-  method: str = "ddim"
-  num_steps: int = 50
-  eta: float = 0.0
-  spacing: str = "leading"
-  clip_denoised: bool | None = False
-  guidance_scale: float | None = None
-
-  @property
-  def guided(self) -> bool:
-    return self.guidance_scale is not None and self.guidance_scale != 1.0
+# (params, labels int [N], base key data uint32 [2], first_index) -> uint8 [N, ...].
+SampleFn = Callable[..., np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,24 +59,20 @@ class DiffusionModel:
   learn_sigma: bool = False
   has_null_label: bool = False
 
+  @classmethod
+  def from_module(cls, module: nn.Module, params: Any, schedule: diffusion.Schedule,
+                  prediction: str, image_shape: tuple[int, int, int]) -> "DiffusionModel":
+    """Reads the conditioning from a jaxdiff backbone (UNet or DiT: `num_classes`,
+    `class_dropout_prob`, `learn_sigma`), whether built from a config or a diffusers folder."""
+    return cls(module=module, params=params, schedule=schedule, prediction=prediction,
+               image_shape=tuple(image_shape), num_classes=module.num_classes,
+               learn_sigma=module.learn_sigma,
+               has_null_label=module.num_classes > 0 and module.class_dropout_prob > 0)
+
 
 def seed_key_data(seed: int) -> np.ndarray:
   """The raw data (uint32 [2]) of `jax.random.key(seed)`, the base key of a sampling run."""
   return np.asarray(jax.random.key_data(jax.random.key(seed)))
-
-
-def example_keys(base_key_data: jax.Array, indices: jax.Array) -> jax.Array:
-  """Per-example keys `fold_in(key(seed), i)`.
-
-  Args:
-    base_key_data: uint32 [2] from `seed_key_data`.
-    indices: int32 [B] global sample indices.
-
-  Returns:
-    [B] typed PRNG keys.
-  """
-  base_key = jax.random.wrap_key_data(base_key_data)
-  return jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
 
 
 def example_labels(num_samples: int, labels: Sequence[int], num_classes: int) -> np.ndarray:
@@ -137,11 +110,11 @@ def _model_fn(model: DiffusionModel, params, labels: jax.Array, guided: bool):
 
 def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
                   trajectory: bool = False) -> BatchFn:
-  """Builds the pure per-batch sampler that `generate` shards and jits.
+  """Builds the pure per-batch sampler that `make_sampler` shards and jits.
 
   Args:
     model: the denoiser.
-    settings: sampler settings.
+    settings: sampler settings (`clip_denoised` resolved to a bool).
     trajectory: return the reverse process instead of only the final samples.
 
   Returns:
@@ -150,7 +123,7 @@ def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
     an argument rather than a closure so that they are not baked into the executable.
   """
   def batch_fn(params, base_key_data, indices, labels):
-    keys = example_keys(base_key_data, indices)
+    keys = diffusion.per_example_keys(jax.random.wrap_key_data(base_key_data), indices)
     split_keys = jax.vmap(jax.random.split)(keys)
     x_T = jax.vmap(lambda k: jax.random.normal(k, model.image_shape, jnp.float32))(
         split_keys[:, 0])
@@ -160,7 +133,7 @@ def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
         _model_fn(model, params, labels, settings.guided), model.schedule, x_T, split_keys[:, 1],
         method=settings.method, num_steps=settings.num_steps, eta=settings.eta,
         spacing=settings.spacing, prediction=model.prediction,
-        clip_denoised=settings.clip_denoised,
+        clip_denoised=bool(settings.clip_denoised),
         guidance_scale=settings.guidance_scale if settings.guided else None,
         variance="learned" if model.learn_sigma else "fixed_small",
         return_trajectory=trajectory)
@@ -169,11 +142,6 @@ def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
     return result
 
   return batch_fn
-
-
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh (axis "data") over `devices`, by default all devices of all processes."""
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
 
 
 def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -188,101 +156,77 @@ def _replicated_array(leaf, sharding: NamedSharding) -> jax.Array:
   return global_array(np.asarray(leaf), sharding)
 
 
-def generate(batch_fn: BatchFn, params, mesh: Mesh, labels: np.ndarray, *, seed: int,
-             batch_size: int, progress: bool = True) -> np.ndarray:
-  """Samples indices [0, len(labels)) in batches, each sharded over the mesh, as uint8.
+def make_sampler(batch_fn: BatchFn, mesh: Mesh, *, batch_size: int, params_shardings: Any = None,
+                 progress: bool = False, require_finite: bool = True) -> SampleFn:
+  """The sharded sampler, jitted once: `sample_fn(params, labels, base_key_data, first_index=0)`.
 
-  Every call has the same shape (the batch rounded up to the device count, the last batch padded
-  with extra indices that are then dropped), so the sampler compiles once. The next batch is
-  dispatched before the previous one is fetched, keeping the devices busy.
+  `sample_fn` draws the samples of global indices [first_index, first_index + N) (N =
+  len(labels)) in calls of `batch_size` samples (rounded up to the device count; the last call
+  padded with extra indices that are dropped), each split over every axis of the mesh. The next
+  call is dispatched before the previous one is fetched, keeping the devices busy.
 
   Args:
-    batch_fn: per-batch sampler from `make_batch_fn` (pure, not jitted).
-    params: its first argument, replicated over the mesh.
-    mesh: 1-D mesh with axis "data".
-    labels: int32 [N], the label of each sample index.
-    seed: base seed of the run.
+    batch_fn: the per-batch sampler, `make_batch_fn(model, settings[, trajectory=True])`.
+    mesh: device mesh (any axes; the batch is split over all of them).
     batch_size: samples per sampler call, all devices together.
+    params_shardings: shardings of the params passed to `sample_fn` (e.g. a training run's
+      fsdp layout); None replicates them on every device.
     progress: show a tqdm bar (images done, images/s) on process 0.
+    require_finite: raise FloatingPointError if a sample is NaN or infinite.
 
   Returns:
-    uint8 [N, ...] (`jaxdiff.images.to_uint8` of the sampler's output), on every process.
+    `sample_fn(params, labels int [N], base_key_data uint32 [2], first_index=0)` -> uint8
+    [N, H, W, C] (`jaxdiff.images.to_uint8` of the samples; [N, F, H, W, C] for a trajectory
+    batch_fn), on every process.
   """
-  num_samples = len(labels)
-  if num_samples < 1 or batch_size < 1:
-    raise ValueError(f"need >= 1 sample and batch_size >= 1; got {num_samples}, {batch_size}")
-  per_call = min(batch_size, num_samples)
-  padded = math.ceil(per_call / mesh.devices.size) * mesh.devices.size
-  data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  sharded_fn = jax.jit(batch_fn, in_shardings=(replicated, replicated, data, data),
-                       out_shardings=data)
-  params = jax.tree.map(lambda leaf: _replicated_array(leaf, replicated), params)
-  key_data = global_array(seed_key_data(seed), replicated)
-  padded_labels = np.concatenate([labels, np.zeros(padded, np.int32)]).astype(np.int32)
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  data = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+  replicated = NamedSharding(mesh, P())
+  jitted = jax.jit(batch_fn, in_shardings=(params_shardings or replicated, replicated, data, data),
+                   out_shardings=data)
 
-  def dispatch(start: int) -> jax.Array:
-    indices = np.arange(start, start + padded, dtype=np.int32)
-    return sharded_fn(params, key_data, global_array(indices, data),
-                      global_array(padded_labels[start:start + padded], data))
+  def sample_fn(params, labels, base_key_data, first_index: int = 0) -> np.ndarray:
+    num_samples = len(labels)
+    if num_samples < 1:
+      raise ValueError("need at least one sample")
+    per_call = min(batch_size, num_samples)
+    padded = math.ceil(per_call / mesh.devices.size) * mesh.devices.size
+    if params_shardings is None:
+      params = jax.tree.map(lambda leaf: _replicated_array(leaf, replicated), params)
+    key_data = global_array(np.asarray(base_key_data, np.uint32), replicated)
+    padded_labels = np.concatenate([labels, np.zeros(padded, np.int32)]).astype(np.int32)
 
-  starts = range(0, num_samples, per_call)
-  output = None
-  with tqdm.tqdm(total=num_samples, unit="img", desc="sampling",
-                 disable=not progress or jax.process_index() != 0) as bar:
-    pending = dispatch(starts[0])
-    for position, start in enumerate(starts):
-      # Queue the next batch before waiting for this one, so the devices never idle on the host.
-      following = dispatch(starts[position + 1]) if position + 1 < len(starts) else None
-      count = min(per_call, num_samples - start)
-      batch = _fetch(pending, count)
-      if output is None:
-        output = np.empty((num_samples, *batch.shape[1:]), np.uint8)
-      output[start:start + count] = batch
-      bar.update(count)
-      pending = following
-  return output
+    def dispatch(start: int) -> jax.Array:
+      indices = np.arange(first_index + start, first_index + start + padded, dtype=np.int32)
+      return jitted(params, key_data, global_array(indices, data),
+                    global_array(padded_labels[start:start + padded], data))
+
+    starts = range(0, num_samples, per_call)
+    output = None
+    with tqdm.tqdm(total=num_samples, unit="img", desc="sampling",
+                   disable=not progress or jax.process_index() != 0) as bar:
+      pending = dispatch(starts[0])
+      for position, start in enumerate(starts):
+        # Queue the next batch before waiting for this one, so the devices never idle.
+        following = dispatch(starts[position + 1]) if position + 1 < len(starts) else None
+        count = min(per_call, num_samples - start)
+        batch = _fetch(pending, count, require_finite)
+        if output is None:
+          output = np.empty((num_samples, *batch.shape[1:]), np.uint8)
+        output[start:start + count] = batch
+        bar.update(count)
+        pending = following
+    return output
+
+  return sample_fn
 
 
-def _fetch(result: jax.Array, count: int) -> np.ndarray:
+def _fetch(result: jax.Array, count: int, require_finite: bool) -> np.ndarray:
   """Gathers a sharded batch to every process, keeps the first `count` rows and quantises them."""
   batch = multihost_utils.process_allgather(result, tiled=True)[:count]
-  if not np.all(np.isfinite(batch)):
+  if require_finite and not np.all(np.isfinite(batch)):
     raise FloatingPointError(
         "the sampler produced NaN or inf; check the checkpoint, the schedule and the prediction "
         "type (eps/x0/v)")
   return images.to_uint8(batch)
-
-
-def write_npz(path: str, samples: np.ndarray, labels: np.ndarray | None,
-              metadata: dict[str, Any]) -> None:
-  """Writes samples in the layout of the ADM (guided-diffusion) evaluation suite.
-
-  Args:
-    path: output .npz.
-    samples: uint8 [N, H, W, C] as `arr_0`.
-    labels: int [N] as `arr_1` (class-conditional models), or None.
-    metadata: scalars (str, int, float, bool) stored as extra 0-d arrays, e.g. method, seed.
-  """
-  arrays = {"arr_0": samples}
-  if labels is not None:
-    arrays["arr_1"] = np.asarray(labels, np.int64)
-  arrays.update({key: np.asarray(value) for key, value in metadata.items()})
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp_path = path + ".tmp.npz"
-  np.savez(tmp_path, **arrays)
-  os.replace(tmp_path, path)
-
-
-def animation_frames(trajectory: np.ndarray, num_frames: int) -> list[np.ndarray]:
-  """Grids of the reverse process at `num_frames` evenly spaced states, first and last included.
-
-  Args:
-    trajectory: uint8 [B, F, H, W, C], states x_t from x_T to the final sample.
-    num_frames: frames wanted (fewer if the trajectory is shorter).
-
-  Returns:
-    uint8 grid images [H', W', C], one per frame.
-  """
-  steps = trajectory.shape[1]
-  picks = np.unique(np.round(np.linspace(0, steps - 1, min(num_frames, steps))).astype(int))
-  return [images.make_grid(trajectory[:, step]) for step in picks]

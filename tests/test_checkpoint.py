@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from jaxdiff.train import checkpoint, loop
+from jaxdiff.train import builder, checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +98,7 @@ def test_restore_onto_another_device_count(runs, save_devices, restore_devices, 
   config = tiny_config(mesh__fsdp=fsdp)
   source = runs["straight_dir"]
   if save_devices == 4:
-    run4 = loop.prepare(tiny_config(mesh__fsdp=2), jax.devices())
+    run4 = builder.build_run(tiny_config(mesh__fsdp=2), devices=jax.devices())
     manager = checkpoint.open_manager(source, read_only=True)
     state, data = checkpoint.restore(manager, 4, run4.abstract_state, None)
     assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state.params))
@@ -109,7 +109,7 @@ def test_restore_onto_another_device_count(runs, save_devices, restore_devices, 
     writer.wait_until_finished()
     writer.close()
     source = target
-  run = loop.prepare(config, jax.devices()[:restore_devices])
+  run = builder.build_run(config, devices=jax.devices()[:restore_devices])
   resolved = checkpoint.resolved_config(config, run.config, run.info)
   manager = checkpoint.open_manager(source, read_only=True)
   restored, data = checkpoint.restore(manager, 4, run.abstract_state, resolved)
@@ -124,7 +124,7 @@ def test_restore_onto_another_device_count(runs, save_devices, restore_devices, 
 def test_incompatible_checkpoint_is_refused_naming_the_fields(runs):
   config = tiny_config(model__class_conditional=True)
   config.model.overrides.hidden_size = 48
-  run = loop.prepare(config, jax.devices()[:1])
+  run = builder.build_run(config, devices=jax.devices()[:1])
   resolved = checkpoint.resolved_config(config, run.config, run.info)
   manager = checkpoint.open_manager(runs["straight_dir"], read_only=True)
   with pytest.raises(checkpoint.CheckpointError) as error:

@@ -61,7 +61,7 @@ def test_cifar_unet_is_the_ddpm_recipe():
 def test_cifar_dit_is_class_conditional_with_label_dropout():
   c = config_lib.parse_config(load("cifar_dit"))
   assert c.model.name == "dit-s/2" and c.model.class_conditional
-  assert c.model.class_dropout_prob == 0.1 and c.sample.guidance_scale > 0
+  assert c.model.class_dropout_prob == 0.1 and c.sample.sampler.guidance_scale > 0
 
 
 def test_fashion_mnist_configs_differ_only_in_the_backbone():

@@ -8,11 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
-from absl.testing import flagsaver
-
 import fidelity_reference
-from jaxdiff import evaluate
+from jaxdiff import cli, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,18 +72,15 @@ def test_bad_npz_is_one_line_on_stderr(tmp_path):
   path = tmp_path / "s.npz"
   np.savez(path, images=_images(0, 2))
   result = _run_cli(f"--samples={path}", f"--reference={path}")
-  assert result.returncode == 1
+  assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "no 'arr_0'" in lines[0], result.stderr
 
 
-def _main_error(capsys, **flag_values):
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["evaluate"])
-  with flagsaver.flagsaver(**flag_values):
-    with pytest.raises(SystemExit) as exit_info:
-      evaluate.main(["evaluate"])
-  assert exit_info.value.code == 1
+def _main_error(capsys, **options):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.call(evaluate.run, evaluate.EvaluateOptions(**options), evaluate.ERRORS)
+  assert exit_info.value.code == 2
   lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1
   return lines[0]

@@ -66,3 +66,26 @@ def test_bad_shapes_raise():
     images.make_grid(np.zeros((2, 2, 3), np.uint8))
   with pytest.raises(ValueError):
     images.save_png("/tmp/unused.png", np.zeros((2, 2, 2), np.uint8))
+
+
+def test_npz_layout_and_animation_frames(tmp_path):
+  samples = np.arange(2 * 3 * 3 * 1, dtype=np.uint8).reshape(2, 3, 3, 1)
+  path = str(tmp_path / "a" / "s.npz")
+  images.save_npz(path, samples, np.array([4, 1]), {"method": "ddim", "seed": 3, "eta": 0.5})
+  with np.load(path, allow_pickle=False) as data:
+    assert sorted(data.files) == ["arr_0", "arr_1", "eta", "method", "seed"]
+    np.testing.assert_array_equal(data["arr_0"], samples)
+    assert data["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(data["arr_1"], [4, 1])
+    assert str(data["method"]) == "ddim" and int(data["seed"]) == 3 and float(data["eta"]) == 0.5
+  images.save_npz(path, samples, None, {})
+  with np.load(path, allow_pickle=False) as data:
+    assert data.files == ["arr_0"]
+
+  # Trajectory of 2 images over 11 states, state k filled with the value 10 * k.
+  trajectory = np.broadcast_to((10 * np.arange(11, dtype=np.uint8))[None, :, None, None, None],
+                               (2, 11, 4, 4, 3))
+  frames = images.animation_frames(trajectory, 3)
+  assert [frame[2, 2, 0] for frame in frames] == [0, 50, 100]  # States 0, 5 and 10.
+  assert frames[0].shape == (4 + 2 * 2, 2 * 4 + 3 * 2, 3)  # One row of 2 images, padding 2.
+  assert len(images.animation_frames(trajectory, 50)) == 11

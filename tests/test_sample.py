@@ -1,17 +1,14 @@
-"""jaxdiff.sampling / jaxdiff.sample: device-count independent sampling, output files, the CLI.
+"""jaxdiff.sample, the sampling CLI: checkpoints and diffusers folders, output files, bad input.
 
-References: a hand-written re-derivation of the per-example keys and of classifier-free guidance,
-the same run on 1 and 4 devices, hand-computed uint8 values, and diffusers' own UNet2DModel with
-its DDIMScheduler (PyTorch) for the diffusers-folder path.
+References: diffusers' own UNet2DModel with its DDIMScheduler (PyTorch) for the diffusers-folder
+path, and the grid of the written npz for the PNG and GIF.
 """
 
 import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -22,135 +19,6 @@ from jaxdiff import diffusion, sample, sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (4, 4, 2)
-
-
-class ToyDenoiser(nn.Module):
-  """A conditional denoiser that compiles in a fraction of a second (null label = num_classes)."""
-  num_classes: int = 3
-
-  @nn.compact
-  def __call__(self, x, t, y=None, *, train=False):
-    del train
-    y = jnp.full(x.shape[:1], self.num_classes) if y is None else y
-    h = nn.Conv(x.shape[-1], (3, 3))(x) * (1.0 + jnp.asarray(t, jnp.float32) / 50.0)[:, None,
-                                                                                     None, None]
-    return jnp.tanh(h + nn.Embed(self.num_classes + 1, x.shape[-1])(y)[:, None, None, :])
-
-
-@pytest.fixture(scope="module")
-def toy():
-  """(DiffusionModel, guided DDPM batch_fn): stochastic steps, so step noise is exercised too."""
-  module = ToyDenoiser()
-  x = jnp.zeros((1, *SHAPE))
-  params = jax.jit(module.init)(jax.random.key(1), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
-  model = sampling.DiffusionModel(
-      module, params["params"], diffusion.make_schedule("linear", 100), "eps", SHAPE,
-      num_classes=3, has_null_label=True)
-  settings = sampling.SamplerSettings(method="ddpm", num_steps=3, guidance_scale=2.5)
-  return model, sampling.make_batch_fn(model, settings)
-
-
-def test_same_samples_on_one_and_four_devices_any_batching(toy):
-  model, batch_fn = toy
-  labels = sampling.example_labels(6, (), model.num_classes)
-  one = sampling.generate(batch_fn, model.params, sampling.make_mesh(jax.devices()[:1]), labels,
-                          seed=0, batch_size=6, progress=False)
-  mesh4 = sampling.make_mesh()
-  assert mesh4.devices.size == 4
-  # Batches of 4 over 4 devices: two calls, the second one padded with 2 dropped samples.
-  four = sampling.generate(batch_fn, model.params, mesh4, labels, seed=0, batch_size=4,
-                           progress=False)
-  prefix = sampling.generate(batch_fn, model.params, mesh4, labels[:3], seed=0, batch_size=4,
-                             progress=False)
-  other_seed = sampling.generate(batch_fn, model.params, mesh4, labels, seed=1, batch_size=4,
-                                 progress=False)
-  assert one.shape == (6, *SHAPE) and one.dtype == np.uint8
-  assert one.std() > 10  # Not a constant image.
-  np.testing.assert_array_equal(one, four)
-  np.testing.assert_array_equal(prefix, one[:3])
-  assert np.mean(other_seed != one) > 0.5
-
-
-def test_batch_fn_matches_explicit_keys_and_guidance(toy):
-  """Re-derives x_T, the sampler keys and the guided model independently of sampling.py."""
-  model, batch_fn = toy
-  seed, indices, labels = 7, np.array([5, 0, 9], np.int32), np.array([2, 0, 1], np.int32)
-  got = jax.jit(batch_fn)(model.params, sampling.seed_key_data(seed), indices, labels)
-
-  @jax.jit
-  def reference():
-    keys = [jax.random.split(jax.random.fold_in(jax.random.key(seed), int(i))) for i in indices]
-    x_T = jnp.stack([jax.random.normal(k[0], SHAPE) for k in keys])
-
-    def guided(x, t):
-      apply = lambda y: model.module.apply({"params": model.params}, x, t, y)
-      cond, uncond = apply(jnp.asarray(labels)), apply(jnp.full((3,), 3))
-      return uncond + 2.5 * (cond - uncond)
-
-    return diffusion.sample(guided, model.schedule, x_T, jnp.stack([k[1] for k in keys]),
-                            method="ddpm", num_steps=3)
-
-  np.testing.assert_allclose(got, reference(), atol=1e-5)
-
-
-def test_quantisation_order_and_padding():
-  """A stub sampler that returns hand-picked values: 12 samples in batches of 5 on 4 devices."""
-  values = np.array([-1.0, 1.0, 0.0, 0.999, -0.999, 1.7, -2.5, 0.5, -0.5, 0.25,
-                     # (x + 1) * 127.5 is exactly 64.5 in float32 (64.500004 in float64):
-                     # round half to even gives 64, rounding half up or float64 math 65.
-                     -0.49411762, -1 + 1 / 127.5], np.float32)
-  want = np.array([0, 255, 128, 255, 0, 255, 0, 191, 64, 159, 64, 1], np.uint8)
-
-  def stub(params, key_data, indices, labels):
-    del params, key_data
-    return jnp.broadcast_to(jnp.asarray(values)[indices % 12][:, None, None, None] + 0 * labels[
-        :, None, None, None], (indices.shape[0], 3, 2, 1))
-
-  got = sampling.generate(stub, {}, sampling.make_mesh(), np.zeros(12, np.int32), seed=0,
-                          batch_size=5, progress=False)
-  assert got.shape == (12, 3, 2, 1) and got.dtype == np.uint8
-  np.testing.assert_array_equal(got[:, 0, 0, 0], want)
-  np.testing.assert_array_equal(got, np.broadcast_to(want[:, None, None, None], got.shape))
-
-  def nan_stub(params, key_data, indices, labels):
-    return stub(params, key_data, indices, labels) * jnp.nan
-
-  with pytest.raises(FloatingPointError, match="NaN"):
-    sampling.generate(nan_stub, {}, sampling.make_mesh(), np.zeros(3, np.int32), seed=0,
-                      batch_size=4, progress=False)
-
-
-def test_example_labels():
-  np.testing.assert_array_equal(sampling.example_labels(7, (), 3), [0, 1, 2, 0, 1, 2, 0])
-  np.testing.assert_array_equal(sampling.example_labels(5, (4, 1), 10), [4, 1, 4, 1, 4])
-  np.testing.assert_array_equal(sampling.example_labels(3, (), 0), [0, 0, 0])
-  assert sample.parse_labels(" 3, 5,7") == (3, 5, 7) and sample.parse_labels("") == ()
-  for bad in ("a,b", "-1"):
-    with pytest.raises(sample.SampleInputError):
-      sample.parse_labels(bad)
-
-
-def test_npz_layout_and_animation_frames(tmp_path):
-  samples = np.arange(2 * 3 * 3 * 1, dtype=np.uint8).reshape(2, 3, 3, 1)
-  path = str(tmp_path / "a" / "s.npz")
-  sampling.write_npz(path, samples, np.array([4, 1]), {"method": "ddim", "seed": 3, "eta": 0.5})
-  with np.load(path, allow_pickle=False) as data:
-    assert sorted(data.files) == ["arr_0", "arr_1", "eta", "method", "seed"]
-    np.testing.assert_array_equal(data["arr_0"], samples)
-    assert data["arr_0"].dtype == np.uint8
-    np.testing.assert_array_equal(data["arr_1"], [4, 1])
-    assert str(data["method"]) == "ddim" and int(data["seed"]) == 3 and float(data["eta"]) == 0.5
-  sampling.write_npz(path, samples, None, {})
-  with np.load(path, allow_pickle=False) as data:
-    assert data.files == ["arr_0"]
-
-  # Trajectory of 2 images over 11 states, state k filled with the value 10 * k.
-  trajectory = np.broadcast_to((10 * np.arange(11, dtype=np.uint8))[None, :, None, None, None],
-                               (2, 11, 4, 4, 3))
-  frames = sampling.animation_frames(trajectory, 3)
-  assert [frame[2, 2, 0] for frame in frames] == [0, 50, 100]  # States 0, 5 and 10.
-  assert frames[0].shape == (4 + 2 * 2, 2 * 4 + 3 * 2, 3)  # One row of 2 images, padding 2.
-  assert len(sampling.animation_frames(trajectory, 50)) == 11
 
 
 def _save_diffusers_unet(path) -> UNet2DModel:
@@ -212,6 +80,7 @@ def test_bad_inputs_are_rejected_before_loading(tmp_path):
       "--method='dpm'": sample.SampleOptions(workdir=str(tmp_path),
                                              sampler=settings(method="dpm")),
       "--num_samples=0 must be > 0": sample.SampleOptions(workdir=str(tmp_path), num_samples=0),
+      "--labels=3,-1 must be >= 0": sample.SampleOptions(workdir=str(tmp_path), labels=(3, -1)),
       "--guidance_scale=-1": sample.SampleOptions(workdir=str(tmp_path),
                                                   sampler=settings(guidance_scale=-1.0)),
   }
@@ -321,3 +190,12 @@ def test_cli_rejects_bad_flags_without_a_model(tmp_path):
   result = _cli(f"--workdir={tmp_path}", "--num_samples=0")
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and lines == ["error: --num_samples=0 must be > 0"]
+
+
+def test_cli_bad_labels_and_unknown_flags_are_one_line(tmp_path):
+  for args, message in ((["--labels=a,b"], "--labels='a,b' must be comma-separated integers"),
+                        (["--num_sample=3"], "bad flag")):
+    result = _cli(f"--workdir={tmp_path}", *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], result.stderr

@@ -174,10 +174,7 @@ def test_fid_during_training_matches_torch_fidelity_features(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import fidelity_reference  # pylint: disable=g-import-not-at-top
   from configs import mnist_offline  # pylint: disable=g-import-not-at-top
-  from jaxdiff import images  # pylint: disable=g-import-not-at-top
-  from jaxdiff.diffusion import make_schedule  # pylint: disable=g-import-not-at-top
-  from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
-  from jaxdiff.train import preview as preview_lib  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import builder, checkpoint, loop  # pylint: disable=g-import-not-at-top
   from jaxdiff.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   source = fidelity_reference.random_inception_path()
@@ -199,17 +196,14 @@ def test_fid_during_training_matches_torch_fidelity_features(tmp_path):
   logged = [r for r in read_metrics(tmp_path / "run") if "eval/fid" in r]
   assert [r["step"] for r in logged] == [8] and logged[0]["eval/fid_num_samples"] == n
 
-  run = loop.prepare(config, devices)
+  run = builder.build_run(config, devices=devices)
   decay = run.config.sample.ema_decay
   *_, ema = checkpoint.restore_for_inference(str(tmp_path / "run"))
-  key = loop.root_key(config.seed, loop.FID_STREAM, run.mesh)
-  generate = preview_lib.make_preview_fn(
-      run.model, make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
-      run.config, run.info, run.mesh, run.shardings.ema_params[state_lib.ema_key(decay)], key)
-  chunks = [generate(ema[decay], c * config.sample.num_images)
-            for c in range(-(-n // config.sample.num_images))]
-  samples = images.to_uint8(np.concatenate(chunks)[:n])
-  samples = np.repeat(samples, 3, axis=-1)  # grey digits, as the FID network sees them
+  # The FID stream's samples, in one call rather than the loop's chunks of sample.num_images.
+  generate = builder.make_ema_sampler(run, builder.FID_STREAM, batch_size=n)
+  restored = state_lib.TrainState(step=None, params=None, opt_state=None,
+                                  ema_params={state_lib.ema_key(decay): ema[decay]})
+  samples = np.repeat(generate(restored, n), 3, axis=-1)  # grey digits, as the FID network sees them
   pool = fidelity_reference.reference_features(
       str(weights), np.concatenate([samples, reference]))["pool"].astype(np.float64)
   x1, x2 = pool[:n], pool[n:]

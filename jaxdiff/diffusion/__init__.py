@@ -3,6 +3,7 @@
 Knows nothing of models or training: a model is any `model_fn(x_t, t) -> prediction`.
 """
 from jaxdiff.diffusion.guidance import classifier_free_guidance
+from jaxdiff.diffusion.keys import per_example_keys
 from jaxdiff.diffusion.likelihood import bits_per_dim
 from jaxdiff.diffusion.likelihood import discretized_gaussian_log_likelihood
 from jaxdiff.diffusion.likelihood import normal_kl
@@ -12,6 +13,7 @@ from jaxdiff.diffusion.losses import LOSS_TYPES
 from jaxdiff.diffusion.losses import min_snr_weight
 from jaxdiff.diffusion.losses import training_inputs
 from jaxdiff.diffusion.losses import WEIGHTINGS
+from jaxdiff.diffusion.sampler_settings import SamplerSettings
 from jaxdiff.diffusion.samplers import METHODS
 from jaxdiff.diffusion.samplers import sample
 from jaxdiff.diffusion.samplers import VARIANCES

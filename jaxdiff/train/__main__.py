@@ -11,9 +11,10 @@ Several hosts (TPU VM pods, GPU clusters): start the same command on every host 
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I   (explicit).
 On CPU, processes communicate through gloo.
 
-Exit status: 0 done; 2 a problem that was reported on one line (`error: ...`: bad config or
-flag, missing dataset, unusable checkpoint, NaN loss) and left the workdir's checkpoints
-untouched; 143 stopped by SIGTERM after saving a checkpoint (run again to resume).
+Exit status (the convention of every jaxdiff command, `jaxdiff.cli`): 0 done; 2 a problem that
+was reported on one line (`error: ...`: bad config or flag, missing dataset, unusable checkpoint,
+NaN loss) and left the workdir's checkpoints untouched; 143 stopped by SIGTERM after saving a
+checkpoint (run again to resume).
 """
 
 import os
@@ -23,6 +24,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from jaxdiff import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/cifar_dit.py or configs/cifar_dit.py:tiny.",
@@ -34,29 +37,6 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for an explicit multi-process launch.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
-
-EXIT_ERROR = 2
-EXIT_PREEMPTED = 143
-
-
-def _fail(message: str, status: int = EXIT_ERROR) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(status)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports a bad flag, config file or override on one line (exit 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as error:  # pylint: disable=broad-exception-caught
-    # config_flags raises KeyError/AttributeError/ValueError for a bad override or config file.
-    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-    lines = text.strip().splitlines()
-    if any(line.startswith("Traceback") for line in lines):  # an error inside the config file
-      text = f"{lines[0].split(': Error whilst')[0]}: {lines[-1].strip()}"
-    _fail(f"bad flag or config override: {' '.join(text.split()) or repr(error)}")
-  return []
-
 
 def initialize_distributed() -> None:
   """Joins the other processes when launched on several hosts (see the module docstring)."""
@@ -74,11 +54,11 @@ def initialize_distributed() -> None:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; use --config=FILE --workdir=DIR")
+    cli.fail(f"unexpected arguments {argv[1:]}; use --config=FILE --workdir=DIR")
   if _CONFIG.value is None:
-    _fail("--config is required, e.g. --config=configs/mnist_offline.py")
+    cli.fail("--config is required, e.g. --config=configs/mnist_offline.py")
   if not _WORKDIR.value:
-    _fail("--workdir is required, e.g. --workdir=runs/mnist")
+    cli.fail("--workdir is required, e.g. --workdir=runs/mnist")
   if not flags.FLAGS["verbosity"].present:
     # Library logs (orbax logs every save, TFDS warns about metadata, orbax logs the file behind
     # a failed restore) would bury the progress bar and our one-line errors; --verbosity=-1 (or 0)
@@ -91,14 +71,13 @@ def main(argv: list[str]) -> None:
   from jaxdiff.eval import ReferenceFileError, WeightsError  # pylint: disable=g-import-not-at-top
   from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   try:
-    loop.train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DatasetNotFoundError, checkpoint.CheckpointError,
-          loop.TrainingError, ReferenceFileError, WeightsError) as error:
-    _fail(str(error))
+    cli.call(lambda workdir: loop.train(_CONFIG.value, workdir), _WORKDIR.value,
+             (ConfigError, DatasetNotFoundError, checkpoint.CheckpointError, loop.TrainingError,
+              ReferenceFileError, WeightsError))
   except loop.Preempted as preempted:
     print(f"jaxdiff.train: {preempted}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(cli.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -155,28 +155,6 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return state, restored["data"]
 
 
-def abstract_state(config: Config, info: DatasetInfo, shardings_fn=None):
-  """(model, tx, lr schedule, abstract TrainState) of a config, without allocating anything.
-
-  Args:
-    config: parsed config.
-    info: dataset description.
-    shardings_fn: abstract state -> shardings pytree; attached to the abstract leaves if given.
-  """
-  model = state_lib.make_model(config, info)
-  tx, lr_schedule = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
-  init = state_lib.init_params_fn(model, info.image_size, info.channels,
-                                  config.model.class_conditional)
-  shapes = jax.eval_shape(
-      lambda key: state_lib.create_state(init, tx, config.train.ema_decays, key),
-      jax.random.key(0))
-  if shardings_fn is not None:
-    shardings = shardings_fn(shapes)
-    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-  return model, tx, lr_schedule, shapes
-
-
 def restore_for_inference(workdir: str, step: int | None = None):
   """Loads a training checkpoint for sampling, replicated on every device.
 
@@ -206,8 +184,10 @@ def restore_for_inference(workdir: str, step: int | None = None):
     config = dataclasses.replace(config, data=dataclasses.replace(config.data,
                                                                   channels=info.channels))
     replicated = sharding_lib.replicated(sharding_lib.make_mesh(1))
-    model, _, _, shapes = abstract_state(
-        config, info, lambda tree: jax.tree.map(lambda _: replicated, tree))
+    model = state_lib.make_model(config, info)
+    tx, _ = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
+    shapes = state_lib.abstract_state(model, tx, config, info)
+    shapes = sharding_lib.with_shardings(shapes, jax.tree.map(lambda _: replicated, shapes))
     state, _ = restore(manager, step, shapes, None)
   finally:
     manager.close()

@@ -11,28 +11,24 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import tqdm
-from jax.sharding import Mesh
 
-from jaxdiff import images
-from jaxdiff.config import Config, check_run, parse_config
-from jaxdiff.data import DatasetInfo, dataset_info, make_train_iterator
-from jaxdiff.diffusion import make_schedule
+from jaxdiff.data import make_train_iterator
+from jaxdiff.data.pipeline import TrainIterator
 from jaxdiff.train import checkpoint
 from jaxdiff.train import metrics as metrics_lib
 from jaxdiff.train import preview as preview_lib
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train import state as state_lib
-from jaxdiff.train import step as step_lib
-
-# fold_in constants of the run's root key: one stream per use.
-INIT_STREAM, TRAIN_STREAM, PREVIEW_STREAM, FID_STREAM = 0, 1, 2, 3
-
+from jaxdiff.train.builder import TRAIN_STREAM, Run, build_run, init_state, make_step_fn, root_key
+from jaxdiff.train.fid import make_fid_fn
+from jaxdiff.train.preview import make_preview_fn
 
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. the loss became NaN); the message says what is kept."""
@@ -45,67 +41,6 @@ class Preempted(Exception):  # pylint: disable=g-bad-exception-name
     super().__init__(f"stopped by SIGTERM at step {step} after saving a checkpoint; "
                      "run the same command again to resume")
     self.step = step
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """Everything derived from the config before training starts (no arrays allocated)."""
-  config_dict: ml_collections.ConfigDict
-  config: Config
-  info: DatasetInfo
-  mesh: Mesh
-  model: Any
-  tx: Any
-  lr_schedule: Any
-  abstract_state: Any  # TrainState of ShapeDtypeStructs carrying their shardings
-  shardings: Any
-
-
-def prepare(config_dict: ml_collections.ConfigDict,
-            devices: Sequence[jax.Device] | None = None) -> Run:
-  """Validates the config against the data and devices and builds model, optimizer and mesh.
-
-  Raises:
-    ConfigError, DatasetNotFoundError: with a one-line message, before any file is written.
-  """
-  config = parse_config(config_dict)
-  info = dataset_info(config.data)
-  devices = list(jax.devices() if devices is None else devices)
-  check_run(config, info, len(devices), jax.process_count())
-  mesh = sharding_lib.make_mesh(config.mesh.fsdp, devices)
-  shardings_fn = lambda tree: sharding_lib.state_shardings(mesh, tree, config.mesh.fsdp_min_size)
-  model, tx, lr_schedule, shapes = checkpoint.abstract_state(config, info, shardings_fn)
-  return Run(config_dict=config_dict, config=config, info=info, mesh=mesh, model=model, tx=tx,
-             lr_schedule=lr_schedule, abstract_state=shapes,
-             shardings=jax.tree.map(lambda s: s.sharding, shapes))
-
-
-def root_key(seed: int, stream: int, mesh: Mesh) -> jax.Array:
-  """fold_in(key(seed), stream), replicated on the mesh (same value on every process)."""
-  return jax.jit(lambda: jax.random.fold_in(jax.random.key(seed), stream),
-                 out_shardings=sharding_lib.replicated(mesh))()
-
-
-def init_state(run: Run) -> state_lib.TrainState:
-  """Fresh state created directly with its shardings (never materialised on one device)."""
-  config = run.config
-  init = state_lib.init_params_fn(run.model, run.info.image_size, run.info.channels,
-                                  config.model.class_conditional)
-  create = lambda: state_lib.create_state(
-      init, run.tx, config.train.ema_decays,
-      jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM))
-  return jax.jit(create, out_shardings=run.shardings)()
-
-
-def make_step_fn(run: Run):
-  """The jitted k-step function of this run (see step.jit_train_step)."""
-  config = run.config
-  return step_lib.jit_train_step(
-      run.mesh, run.shardings, apply_fn=run.model.apply, tx=run.tx,
-      lr_schedule=run.lr_schedule, schedule=make_schedule(
-          config.diffusion.schedule, config.diffusion.num_timesteps),
-      diffusion=config.diffusion, conditional=config.model.class_conditional,
-      learn_sigma=config.model.learn_sigma, ema_decays=config.train.ema_decays)
 
 
 def next_batches(iterator, k: int, sharding) -> dict[str, jax.Array]:
@@ -141,7 +76,8 @@ class PreemptionGuard:
       self._previous = None
 
 
-def restore_or_init(run: Run, manager, resolved: dict) -> tuple[state_lib.TrainState, dict | None]:
+def restore_or_init(run: Run, manager: ocp.CheckpointManager,
+                    resolved: dict) -> tuple[state_lib.TrainState, dict | None]:
   """The latest checkpoint of the workdir (checked and resharded), or a fresh state."""
   latest = manager.latest_step()
   if latest is None:
@@ -166,8 +102,8 @@ def train(config_dict: ml_collections.ConfigDict, workdir: str, *,
     TrainingError: the loss became NaN/Inf (the last good checkpoint is kept).
     Preempted: SIGTERM arrived; the state was saved first.
   """
-  run = prepare(config_dict, devices)
-  fid = _make_fid(run) if run.config.eval.fid_every else None  # weight errors before any write
+  run = build_run(config_dict, devices=devices)
+  fid = make_fid_fn(run) if run.config.eval.fid_every else None  # weight errors before any write
   resolved = checkpoint.resolved_config(config_dict, run.config, run.info)
   if os.path.exists(checkpoint.checkpoint_dir(workdir)):
     with contextlib.closing(checkpoint.open_manager(workdir, read_only=True)) as reader:
@@ -184,25 +120,42 @@ def train(config_dict: ml_collections.ConfigDict, workdir: str, *,
       raise checkpoint.CheckpointError(f"cannot resume the data position: {error}") from None
   manager = checkpoint.open_manager(workdir, run.config.checkpoint)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  guard = PreemptionGuard(manager)
+  session = _Session(run=run, workdir=workdir, manager=manager, writer=writer,
+                     guard=PreemptionGuard(manager), iterator=iterator, resolved=resolved,
+                     preview=make_preview_fn(run) if run.config.train.sample_every else None,
+                     fid=fid)
   try:
-    return _loop(run, workdir, manager, writer, guard, state, iterator, resolved, fid)
+    return _loop(session, state)
   finally:
-    guard.close()
+    session.guard.close()
     writer.close()
     manager.wait_until_finished()
     manager.close()
     iterator.close()
 
 
-def _loop(run: Run, workdir: str, manager, writer, guard, state, iterator, resolved, fid=None):
+@dataclasses.dataclass(frozen=True)
+class _Session:
+  """What the loop works with besides the state: the run and its open files and hooks."""
+  run: Run
+  workdir: str
+  manager: ocp.CheckpointManager
+  writer: metrics_lib.MetricsWriter
+  guard: PreemptionGuard
+  iterator: TrainIterator
+  resolved: dict[str, Any]  # the config JSON saved with each checkpoint
+  preview: Callable[[state_lib.TrainState], np.ndarray] | None  # EMA sample grid
+  fid: Callable[[state_lib.TrainState], dict[str, float]] | None  # proxy FID
+
+
+def _loop(session: _Session, state: state_lib.TrainState) -> state_lib.TrainState:
   """Steps until num_steps, logging, sampling and checkpointing at their boundaries."""
+  run, manager, writer, iterator = session.run, session.manager, session.writer, session.iterator
   cfg = run.config
   k = cfg.train.steps_per_dispatch
   step = int(jax.device_get(state.step))
   key = root_key(cfg.seed, TRAIN_STREAM, run.mesh)
   batch_sharding = sharding_lib.batch_sharding(run.mesh, leading_dims=1)
-  preview = _make_preview(run) if cfg.train.sample_every else None
   history = metrics_lib.History()
   timer = _Timer(step)
   compiled = None
@@ -220,17 +173,18 @@ def _loop(run: Run, workdir: str, manager, writer, guard, state, iterator, resol
       bar.update(k)
       if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
         _log(history, writer, timer, step, cfg.train.batch_size, bar)
-      if preview is not None and step % cfg.train.sample_every == 0:
+      if session.preview is not None and step % cfg.train.sample_every == 0:
         with timer.paused():
-          _save_preview(preview, state, workdir, writer, step, cfg)
-      if fid is not None and step % cfg.eval.fid_every == 0:
+          _save_preview(session, state, step)
+      if session.fid is not None and step % cfg.eval.fid_every == 0:
         with timer.paused():
-          writer.write(step, fid(state))
-      stop = guard.should_stop(step // k)
+          writer.write(step, session.fid(state))
+      stop = session.guard.should_stop(step // k)
       if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps or stop:
         with timer.paused():
           history.check_finite()
-          checkpoint.save(manager, step, state, iterator.get_state(), resolved, force=True)
+          checkpoint.save(manager, step, state, iterator.get_state(), session.resolved,
+                          force=True)
       if stop and step < cfg.train.num_steps:
         manager.wait_until_finished()
         raise Preempted(step)
@@ -286,43 +240,8 @@ def _log(history, writer, timer, step: int, batch_size: int, bar) -> None:
   timer.reset(step)
 
 
-def _make_preview(run: Run):
-  cfg = run.config
-  ema = state_lib.ema_key(cfg.sample.ema_decay)
-  fn = preview_lib.make_preview_fn(
-      run.model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps), cfg,
-      run.info, run.mesh, run.shardings.ema_params[ema],
-      root_key(cfg.seed, PREVIEW_STREAM, run.mesh))
-  return lambda state: fn(state.ema_params[ema])
-
-
-def _make_fid(run: Run):
-  """state -> {"eval/fid": ...}: proxy FID of `eval.num_samples` EMA samples (sample settings).
-
-  Samples are drawn in chunks of `sample.num_images` consecutive global indices, against the
-  reference statistics in `eval.reference_stats`.
-  """
-  from jaxdiff.eval import FidEvaluator  # pylint: disable=g-import-not-at-top  (heavy, optional)
-  cfg = run.config
-  evaluator = FidEvaluator(cfg.eval.inception_weights or None, cfg.eval.reference_stats)
-  ema = state_lib.ema_key(cfg.sample.ema_decay)
-  key = root_key(cfg.seed, FID_STREAM, run.mesh)
-  generate = preview_lib.make_preview_fn(
-      run.model, make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps), cfg,
-      run.info, run.mesh, run.shardings.ema_params[ema], key)
-  num_chunks = -(-cfg.eval.num_samples // cfg.sample.num_images)
-
-  def evaluate(state) -> dict[str, float]:
-    chunks = [generate(state.ema_params[ema], c * cfg.sample.num_images)
-              for c in range(num_chunks)]
-    samples = images.to_uint8(np.concatenate(chunks)[:cfg.eval.num_samples])
-    scores = evaluator.score(samples, names=("fid",))
-    return {"eval/fid": float(scores["fid"]), "eval/fid_num_samples": len(samples)}
-  return evaluate
-
-
-def _save_preview(preview, state, workdir: str, writer, step: int, cfg: Config) -> None:
-  samples = preview(state)
+def _save_preview(session: _Session, state: state_lib.TrainState, step: int) -> None:
+  samples = session.preview(state)
   if jax.process_index() == 0:
-    _, grid = preview_lib.save_grid(workdir, step, samples)
-    writer.write_image(step, f"samples/ema_{cfg.sample.ema_decay}", grid)
+    _, grid = preview_lib.save_grid(session.workdir, step, samples)
+    session.writer.write_image(step, f"samples/ema_{session.run.config.sample.ema_decay}", grid)

@@ -96,3 +96,9 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
   """
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract_tree` carrying the matching leaves of `shardings`."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      abstract_tree, shardings)

@@ -7,11 +7,13 @@ step function separately, so the whole state is one checkpointable pytree.
 from typing import Any, Callable, Sequence
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff.config import OptimizerConfig, model_fields
+from jaxdiff.config import Config, OptimizerConfig, model_fields
+from jaxdiff.data import DatasetInfo
 from jaxdiff.models import build_model
 
 
@@ -115,6 +117,14 @@ def init_params_fn(model, image_size: int, channels: int, conditional: bool
   return init
 
 
-def make_model(config, info):
-  """The Flax module of `config` (a jaxdiff.config.Config) for the dataset `info`."""
+def make_model(config: Config, info: DatasetInfo) -> nn.Module:
+  """The Flax module of `config` for the dataset `info`."""
   return build_model(config.model.name, **model_fields(config.model, info))
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, config: Config,
+                   info: DatasetInfo) -> TrainState:
+  """The TrainState of `model` and `tx` as ShapeDtypeStructs, without allocating anything."""
+  init = init_params_fn(model, info.image_size, info.channels, config.model.class_conditional)
+  return jax.eval_shape(lambda key: create_state(init, tx, config.train.ema_decays, key),
+                        jax.random.key(0))

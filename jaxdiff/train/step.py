@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdiff.config import DiffusionConfig
-from jaxdiff.diffusion import Schedule, diffusion_loss, training_inputs
+from jaxdiff.diffusion import Schedule, diffusion_loss, per_example_keys, training_inputs
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train.state import TrainState, update_ema
 
@@ -52,7 +52,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   step_key = jax.random.fold_in(key, state.step)
   x0 = batch["image"]
   labels = batch["label"] if conditional else None
-  example_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(x0.shape[0]))
+  example_keys = per_example_keys(step_key, jnp.arange(x0.shape[0]))
   t, noise = training_inputs(schedule, example_keys, x0)
   dropout_key = jax.random.fold_in(step_key, DROPOUT_STREAM)
 
