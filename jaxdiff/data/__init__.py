@@ -1,6 +1,6 @@
 """Data: TFDS / image folder / offline MNIST -> batches of images in [-1, 1], split per process.
 
-Public API (see docs/contracts.md):
+Public API (see docs/architecture.md):
   `DataConfig`, `DatasetInfo`, `DatasetNotFoundError`, `dataset_info(cfg)`,
   `make_train_iterator(cfg, *, global_batch_size, seed, process_index, process_count)`,
   `iterate_dataset(cfg, *, batch_size, split, max_examples)`.
