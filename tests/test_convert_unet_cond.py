@@ -65,6 +65,7 @@ def test_matches_diffusers(tmp_path, name):
   np.testing.assert_allclose(np.asarray(out), reference, atol=1e-4 * scale, rtol=0)
 
 
+@pytest.mark.slow  # builds two 860M-parameter layouts (shapes only)
 @pytest.mark.parametrize("preset, config", [
     # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 unet/config.json.
     ("unet-sd1", dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64)),
