@@ -88,7 +88,7 @@ def test_attention_mask_matches_transformers(tmp_path):
   with torch.no_grad():
     reference = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
   module, params = load_clip_text_encoder(str(tmp_path))
-  out = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+  out = jax.jit(module.apply)({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
   keep = mask.astype(bool)  # states at masked queries are not meaningful in either framework
   _close(np.asarray(out.last_hidden_state)[keep], reference.last_hidden_state.numpy()[keep])
   _close(out.pooled_output, reference.pooler_output)
