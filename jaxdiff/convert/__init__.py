@@ -1,23 +1,29 @@
 """Import pretrained diffusers checkpoints into jaxdiff modules (NumPy + safetensors, no torch).
 
 `load_diffusers(path)` reads `config.json` and `diffusion_pytorch_model.safetensors` from a
-diffusers model folder and dispatches on `_class_name`.
+diffusers model folder and dispatches on `_class_name`. `load_clip_text_encoder(path)` reads
+a transformers `CLIPTextModel` folder (a Stable Diffusion pipeline's `text_encoder/`).
 """
 
 from jaxdiff.convert import dit as _dit
 from jaxdiff.convert import unet as _unet
+from jaxdiff.convert import unet_cond as _unet_cond
+from jaxdiff.convert.clip import load_clip_text_encoder
 from jaxdiff.convert.common import read_diffusers_folder
 
 _CONVERTERS = {
     "UNet2DModel": _unet.convert,
     "DiTTransformer2DModel": _dit.convert,
+    "UNet2DConditionModel": _unet_cond.convert,
 }
 
 
 def load_diffusers(path: str, **module_overrides):
-  """Loads a diffusers `UNet2DModel` or `DiTTransformer2DModel` folder as (module, params).
+  """Loads a diffusers `UNet2DModel`, `DiTTransformer2DModel` or `UNet2DConditionModel` folder
+  as (module, params).
 
-  `module.apply({"params": params}, x_nhwc, t, y)` equals the diffusers model's output on the
+  `module.apply({"params": params}, x_nhwc, t, y)` (for UNet2DConditionModel: the text
+  context [B, S, D] in place of y) equals the diffusers model's output on the
   NCHW-transposed input, transposed back to NHWC. `module_overrides` (e.g. dtype=jnp.bfloat16)
   are passed to the jaxdiff module.
   """
@@ -34,4 +40,4 @@ def load_diffusers(path: str, **module_overrides):
   return _CONVERTERS[class_name](config, state, **module_overrides)
 
 
-__all__ = ["load_diffusers", "read_diffusers_folder"]
+__all__ = ["load_clip_text_encoder", "load_diffusers", "read_diffusers_folder"]

@@ -2,12 +2,18 @@
 
 `build_model("dit-s/2", num_classes=10)` returns a Flax module; every model is called as
 `model.apply({"params": p}, x, t, y, train=False)` with x [B, H, W, C], t [B], y [B] int or None.
+
+Text-to-image (Stable Diffusion layout): `UNetCond` is called as
+`model.apply({"params": p}, x, t, context, train=False)` with context [B, S, D] from
+`CLIPTextEncoder`; their named layouts are `UNET_COND_SIZES` and `CLIP_TEXT_SIZES`.
 """
 
 import dataclasses
 
+from jaxdiff.models.clip import CLIP_TEXT_SIZES, CLIPTextEncoder, CLIPTextOutput
 from jaxdiff.models.dit import DiT, DIT_SIZES
 from jaxdiff.models.unet import UNet, UNET_SIZES
+from jaxdiff.models.unet_cond import UNET_COND_SIZES, UNetCond
 
 # name -> (module class, field values). Explicit dict, no registration by import side effect.
 MODEL_SIZES = {
@@ -30,4 +36,5 @@ def build_model(name: str, **overrides):
   return module_class(**{**fields, **overrides})
 
 
-__all__ = ["DiT", "UNet", "MODEL_SIZES", "build_model"]
+__all__ = ["DiT", "UNet", "UNetCond", "CLIPTextEncoder", "CLIPTextOutput", "CLIP_TEXT_SIZES",
+           "MODEL_SIZES", "UNET_COND_SIZES", "build_model"]
