@@ -22,9 +22,10 @@ MOCKED_TFDS = """
 import sys
 import tensorflow_datasets as tfds
 from absl import app
-from jaxdiff.train import __main__ as cli
+from jaxdiff import cli
+from jaxdiff.train import __main__ as train_main
 with tfds.testing.mock_data(num_examples=32):
-  app.run(cli.main, argv=["jaxdiff.train", *sys.argv[1:]], flags_parser=cli.parse_flags)
+  app.run(train_main.main, argv=["jaxdiff.train", *sys.argv[1:]], flags_parser=cli.parse_flags)
 """
 
 
