@@ -27,6 +27,7 @@ the schedule must not be a traced jit argument (close over it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -264,20 +265,26 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, key: jax.Array
                          clip_denoised=clip_denoised,
                          use_clipped_model_output=use_clipped_model_output)
   keys = example_keys(key, x_T.shape[0])
-  sigma_space = sampler_tables.FAMILIES[method] == "sigma"
-  x_start = x_T * float(tables.get("init_scale", 1.0))
+  x_start = x_T * jnp.float32(tables.get("init_scale", 1.0))
+  x, frames = _integrate(model_fn, config, return_trajectory, params, x_start, keys)
+  return (x, frames) if return_trajectory else x
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _integrate(model_fn, config, return_trajectory, params, x_start, keys):
+  """Runs the steps; jitted with the tables as arguments, so grids of one length share a trace."""
+  sigma_space = sampler_tables.FAMILIES[config.method] == "sigma"
 
   def step(carry, p, final):
-    noise = step_noise(keys, p.index, x_T.shape) if needs_noise(config, final) else None
+    noise = step_noise(keys, p.index, x_start.shape) if needs_noise(config, final) else None
     return sampler_step(model_fn, config, carry, p, noise, final=final)
 
   def view(carry, p):
     return carry.x / jnp.sqrt(p.sigma_next**2 + 1.0) if sigma_space else carry.x
 
-  state, frames = scan_steps(step, params, initial_state(method, x_start),
+  state, frames = scan_steps(step, params, initial_state(config.method, x_start),
                              view if return_trajectory else None)
   if not return_trajectory:
-    return state.x
-  if sigma_space:
-    x_start = x_start / jnp.sqrt(params.sigma[0]**2 + 1.0)
-  return state.x, jnp.concatenate([x_start[None], frames])
+    return state.x, None
+  first = x_start / jnp.sqrt(params.sigma[0]**2 + 1.0) if sigma_space else x_start
+  return state.x, jnp.concatenate([first[None], frames])
