@@ -96,20 +96,25 @@ class EDMStepParams(NamedTuple):
   sigma: jax.Array  # float32 [N], σ_i.
   sigma_next: jax.Array  # float32 [N], σ_{i+1}.
   sigma_hat: jax.Array  # float32 [N], σ̂_i = (1 + γ_i) σ_i.
+  churn_std: jax.Array  # float32 [N], sqrt(σ̂_i² - σ_i²), from float64 (no cancellation).
 
 
-def churn_levels(sigmas: np.ndarray, s_churn: float, s_min: float, s_max: float) -> np.ndarray:
-  """σ̂_i = (1 + γ_i) σ_i with γ_i = min(S_churn / N, √2 - 1) for σ_i ∈ [S_min, S_max], else 0."""
+def churn_levels(sigmas: np.ndarray, s_churn: float, s_min: float,
+                 s_max: float) -> tuple[np.ndarray, np.ndarray]:
+  """σ̂_i = (1 + γ_i) σ_i with γ_i = min(S_churn / N, √2 - 1) for σ_i ∈ [S_min, S_max], else 0,
+  and the churn noise std sqrt(σ̂_i² - σ_i²) = σ_i sqrt(γ_i (2 + γ_i)); float32 [N] each."""
   gamma = min(s_churn / (len(sigmas) - 1), np.sqrt(2.0) - 1.0)
-  inside = (sigmas[:-1] >= s_min) & (sigmas[:-1] <= s_max)
-  return (sigmas[:-1] * (1.0 + np.where(inside, gamma, 0.0))).astype(np.float32)
+  sigma = sigmas[:-1].astype(np.float64)
+  gamma = np.where((sigma >= s_min) & (sigma <= s_max), gamma, 0.0)
+  return (sigma * (1.0 + gamma)).astype(np.float32), (sigma * np.sqrt(gamma * (2.0 + gamma))
+                                                       ).astype(np.float32)
 
 
 def _heun_step(denoiser, x, p, noise, final, s_noise):
   """EDM Algorithm 2, lines 4-10: churn x̂ = x + sqrt(σ̂² - σ²) S_noise z, Euler from σ̂ to σ',
   and the 2nd-order correction unless σ' = 0 (the last step)."""
   if noise is not None:
-    x = x + jnp.sqrt(p.sigma_hat**2 - p.sigma**2) * s_noise * noise
+    x = x + p.churn_std * s_noise * noise
   slope = (x - denoiser(x, p.sigma_hat)) / p.sigma_hat
   x_next = x + (p.sigma_next - p.sigma_hat) * slope
   if final:
@@ -151,9 +156,9 @@ def sample_edm(denoiser: ModelFn, x_T: jax.Array, key: jax.Array, *, num_steps: 
     denoiser = classifier_free_guidance(denoiser, guidance_scale, x_T.shape[-1],
                                         interval=guidance_interval, rescale=guidance_rescale)
   sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
+  sigma_hat, churn_std = churn_levels(sigmas, s_churn, s_min, s_max)
   params = EDMStepParams(jnp.arange(num_steps, dtype=jnp.int32), jnp.asarray(sigmas[:-1]),
-                         jnp.asarray(sigmas[1:]),
-                         jnp.asarray(churn_levels(sigmas, s_churn, s_min, s_max)))
+                         jnp.asarray(sigmas[1:]), jnp.asarray(sigma_hat), jnp.asarray(churn_std))
   keys = example_keys(key, x_T.shape[0])
 
   def denoise(x, sigma):
