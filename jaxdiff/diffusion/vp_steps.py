@@ -51,7 +51,10 @@ def ddim_step(model_fn, config, state, p, noise, final):
 def ddpm_step(model_fn, config, state, p, noise, final):
   """Ancestral step from p(x' | x) = N(μ̃(x, x̂_0), Σ) (Ho et al. eq. 6-7) between grid points,
   with β = 1 - ᾱ / ᾱ'. Σ is β̃ (fixed_small), β (fixed_large) or exp(f log β + (1 - f) log β̃),
-  f = (v + 1) / 2 from the model's extra channels (learned, Nichol & Dhariwal eq. 15)."""
+  f = (v + 1) / 2 from the model's extra channels (learned, Nichol & Dhariwal eq. 15).
+  The last step adds no noise (ADM); diffusers' DDPMScheduler adds noise there when the grid's
+  last timestep is > 0 (trailing, linspace): std 1e-10 with fixed_small, but sqrt(β_t) with
+  fixed_large, which jaxdiff does not reproduce."""
   x0, _, var_values = denoise(model_fn, config, state.x, p.t, p.alpha_bar)
   ab, ab_next = p.alpha_bar, p.alpha_bar_next
   beta = 1.0 - ab / ab_next
