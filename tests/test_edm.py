@@ -19,7 +19,8 @@ def reference_algorithm_2(x_T, noises, num_steps, s_churn, s_min, s_max, s_noise
                           sigma_min=0.002, sigma_max=80.0, rho=7.0):
   """Karras et al. 2022, Algorithm 2, in float64 NumPy, with the given churn noise per step."""
   i = np.arange(num_steps)
-  t = (sigma_max**(1 / rho) + i / (num_steps - 1) * (sigma_min**(1 / rho) - sigma_max**(1 / rho)))**rho
+  inverse_max, inverse_min = sigma_max**(1 / rho), sigma_min**(1 / rho)
+  t = (inverse_max + i / (num_steps - 1) * (inverse_min - inverse_max))**rho
   t = np.append(t, 0.0)
   denoise = lambda x, s: MU + STD**2 / (STD**2 + s**2) * (x - MU)
   x = x_T.astype(np.float64) * t[0]
@@ -85,7 +86,8 @@ def test_precondition_wraps_the_network():
 
   x, sigma = jnp.full((2, 2, 2, 1), 3.0), jnp.array([0.5, 2.0])
   out = edm.precondition(network)(x, sigma)
-  c_skip, c_out, c_in, c_noise = [np.asarray(c)[:, None, None, None] for c in edm.preconditioning(sigma)]
+  c_skip, c_out, c_in, _ = [np.asarray(c)[:, None, None, None]
+                            for c in edm.preconditioning(sigma)]
   np.testing.assert_allclose(out, np.broadcast_to(c_skip * 3.0 + c_out * 2.0 * c_in * 3.0, x.shape),
                              rtol=1e-6)
   np.testing.assert_allclose(calls[0][1], np.log([0.5, 2.0]) / 4, rtol=1e-6)

@@ -50,8 +50,8 @@ def test_conversions_invert_the_interpolant():
   x0, noise = rng.standard_normal((2, 3, 3, 1)), rng.standard_normal((2, 3, 3, 1))
   t = np.array([0.2, 0.9])
   x_t = flow.interpolate(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
-  np.testing.assert_allclose(x_t, (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise,
-                             rtol=1e-6, atol=1e-6)
+  t4 = t[:, None, None, None]
+  np.testing.assert_allclose(x_t, (1 - t4) * x0 + t4 * noise, rtol=1e-6, atol=1e-6)
   v = flow.velocity(jnp.asarray(x0), jnp.asarray(noise))
   np.testing.assert_allclose(flow.x0_from_velocity(x_t, v, jnp.asarray(t)), x0, atol=1e-5)
   np.testing.assert_allclose(flow.eps_from_velocity(x_t, v, jnp.asarray(t)), noise, atol=1e-5)
@@ -94,8 +94,8 @@ def test_loss_is_the_velocity_regression():
     calls.append(np.asarray(t_model))
     return 0.3 * x
 
-  loss, _ = flow.flow_matching_loss(model_fn, jnp.asarray(x0, jnp.float32), jnp.asarray(t, jnp.float32),
-                                    jnp.asarray(noise, jnp.float32))
+  loss, _ = flow.flow_matching_loss(model_fn, jnp.asarray(x0, jnp.float32),
+                                    jnp.asarray(t, jnp.float32), jnp.asarray(noise, jnp.float32))
   x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
   expected = ((0.3 * x_t - (noise - x0))**2).mean(axis=(1, 2, 3))
   np.testing.assert_allclose(loss, expected, rtol=1e-5)

@@ -30,21 +30,26 @@ CASES = [pytest.param(method, prediction, grid,
          for i, grid in enumerate(GRIDS)]
 VARIANTS = [  # (method, sample options, diffusers options), on top of the defaults.
     ("unipc", dict(solver_order=3), dict(solver_order=3)),
-    ("unipc", dict(solver_order=3, karras_sigmas=True), dict(solver_order=3, use_karras_sigmas=True)),
+    ("unipc", dict(solver_order=3, karras_sigmas=True),
+     dict(solver_order=3, use_karras_sigmas=True)),
     ("dpmpp_2m", dict(karras_sigmas=True), dict(use_karras_sigmas=True)),
     ("dpmpp_2m", dict(final_sigmas_type="sigma_min"), dict(final_sigmas_type="sigma_min")),
     ("unipc", dict(final_sigmas_type="sigma_min"), dict(final_sigmas_type="sigma_min")),
     ("euler", dict(karras_sigmas=True), dict(use_karras_sigmas=True)),
     ("euler", dict(final_sigmas_type="sigma_min"), dict(final_sigmas_type="sigma_min")),
     ("heun", dict(karras_sigmas=True), dict(use_karras_sigmas=True)),
-    ("ddim", dict(steps_offset=1, set_alpha_to_one=False), dict(steps_offset=1, set_alpha_to_one=False)),
+    ("ddim", dict(steps_offset=1, set_alpha_to_one=False),
+     dict(steps_offset=1, set_alpha_to_one=False)),
     ("ddim", dict(eta=0.0, spacing="linspace"), dict(timestep_spacing="linspace")),
-    ("dpmpp_2m", dict(steps_offset=1, spacing="leading"), dict(steps_offset=1, timestep_spacing="leading")),
-    ("euler", dict(steps_offset=1, spacing="leading"), dict(steps_offset=1, timestep_spacing="leading")),
+    ("dpmpp_2m", dict(steps_offset=1, spacing="leading"),
+     dict(steps_offset=1, timestep_spacing="leading")),
+    ("euler", dict(steps_offset=1, spacing="leading"),
+     dict(steps_offset=1, timestep_spacing="leading")),
 ]
 
 
-def _check_against_diffusers(monkeypatch, method, prediction, num_steps, options, diffusers_options):
+def _check_against_diffusers(monkeypatch, method, prediction, num_steps, options,
+                             diffusers_options):
   x_T, key = _x_T(), jax.random.key(3)
   noisy = method in NOISE_FUNCTIONS
   config = dict(prediction_type=DIFFUSERS_PREDICTION[prediction]) | diffusers_options
@@ -106,8 +111,8 @@ def test_one_ddpm_step_matches_diffusers(variance, k):
   expected = ref.step(torch_out, t, torch_x, generator=torch.Generator().manual_seed(0)).prev_sample
   noise = torch.randn(torch_x.shape, generator=torch.Generator().manual_seed(0))
   model_fn = (lambda x_, t_: jnp.concatenate([jax_model(x_, t_), v], -1)) if learned else jax_model
-  out = _one_step("ddpm", model_fn, k=k, spacing="trailing", noise=noise.permute(0, 2, 3, 1).numpy(),
-                  x=x, variance=variance)
+  out = _one_step("ddpm", model_fn, k=k, spacing="trailing",
+                  noise=noise.permute(0, 2, 3, 1).numpy(), x=x, variance=variance)
   np.testing.assert_allclose(out, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxdiff.diffusion.guidance import classifier_free_guidance
 from jaxdiff.diffusion.likelihood import mean_flat
-from jaxdiff.diffusion.samplers import example_keys, scan_steps, step_noise
+from jaxdiff.diffusion import samplers
 from jaxdiff.diffusion.schedules import karras_sigmas
 from jaxdiff.diffusion.targets import expand
 
@@ -57,7 +57,7 @@ def loss_weight(sigma: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
   return (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
 
 
-def edm_training_inputs(example_keys_: jax.Array, x0: jax.Array, *, p_mean: float = -1.2,
+def edm_training_inputs(example_keys: jax.Array, x0: jax.Array, *, p_mean: float = -1.2,
                         p_std: float = 1.2) -> tuple[jax.Array, jax.Array]:
   """Draws ln σ ~ N(P_mean, P_std²) and n ~ N(0, I) per example from its own key.
 
@@ -69,7 +69,7 @@ def edm_training_inputs(example_keys_: jax.Array, x0: jax.Array, *, p_mean: floa
     sigma = jnp.exp(p_mean + p_std * jax.random.normal(key_sigma, (), jnp.float32))
     return sigma, jax.random.normal(key_noise, x0.shape[1:], jnp.float32)
 
-  return jax.vmap(draw)(example_keys_)
+  return jax.vmap(draw)(example_keys)
 
 
 def edm_loss(denoiser: ModelFn, x0: jax.Array, sigma: jax.Array, noise: jax.Array, *,
@@ -159,15 +159,16 @@ def sample_edm(denoiser: ModelFn, x_T: jax.Array, key: jax.Array, *, num_steps: 
   sigma_hat, churn_std = churn_levels(sigmas, s_churn, s_min, s_max)
   params = EDMStepParams(jnp.arange(num_steps, dtype=jnp.int32), jnp.asarray(sigmas[:-1]),
                          jnp.asarray(sigmas[1:]), jnp.asarray(sigma_hat), jnp.asarray(churn_std))
-  keys = example_keys(key, x_T.shape[0])
+  keys = samplers.example_keys(key, x_T.shape[0])
 
   def denoise(x, sigma):
     return denoiser(x, jnp.full((x.shape[0],), sigma, jnp.float32)).astype(jnp.float32)
 
   def step(x, p, final):
-    noise = step_noise(keys, p.index, x_T.shape) if s_churn > 0 else None
+    noise = samplers.step_noise(keys, p.index, x_T.shape) if s_churn > 0 else None
     return _heun_step(denoise, x, p, noise, final, s_noise)
 
   x_start = x_T * sigmas[0]
-  x, frames = scan_steps(step, params, x_start, (lambda x, p: x) if return_trajectory else None)
+  view = (lambda x, p: x) if return_trajectory else None
+  x, frames = samplers.scan_steps(step, params, x_start, view)
   return (x, jnp.concatenate([x_start[None], frames])) if return_trajectory else x

@@ -1,4 +1,4 @@
-"""Flow matching with the rectified-flow path, as SD3 (Esser et al. 2024) and SiT (Ma et al. 2024) train.
+"""Flow matching on the rectified-flow path, as SD3 (Esser et al. 2024) and SiT (Ma et al. 2024).
 
 Convention (SD3, diffusers' FlowMatch schedulers): t ∈ [0, 1] with t = 0 data and t = 1 noise,
 x_t = (1 - t) x_0 + t ε, and the model predicts the velocity v = dx_t/dt = ε - x_0. The model is
@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxdiff.diffusion.guidance import classifier_free_guidance
 from jaxdiff.diffusion.likelihood import mean_flat
-from jaxdiff.diffusion.samplers import example_keys, scan_steps, step_noise
+from jaxdiff.diffusion import samplers
 from jaxdiff.diffusion.targets import expand
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
@@ -68,17 +68,17 @@ def sample_timestep(key: jax.Array, sampling: str = "uniform", *, logit_mean: fl
   raise ValueError(f"sampling={sampling!r} is unknown; choose one of {TIMESTEP_SAMPLINGS}")
 
 
-def flow_training_inputs(example_keys_: jax.Array, x0: jax.Array, *, sampling: str = "uniform",
+def flow_training_inputs(example_keys: jax.Array, x0: jax.Array, *, sampling: str = "uniform",
                          shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
                          mode_scale: float = 1.29) -> tuple[jax.Array, jax.Array]:
   """Draws t (see `sample_timestep`, then `shift_timesteps`) and ε ~ N(0, I) per example.
 
   Args:
-    example_keys_: [B] keys, one per example.
+    example_keys: [B] keys, one per example.
     x0: [B, ...] the batch (only its shape is used).
 
   Returns:
-    (t float32 [B] in [0, 1], noise float32 [B, ...]); row i depends only on example_keys_[i].
+    (t float32 [B] in [0, 1], noise float32 [B, ...]); row i depends only on example_keys[i].
   """
   if sampling not in TIMESTEP_SAMPLINGS:
     raise ValueError(f"sampling={sampling!r} is unknown; choose one of {TIMESTEP_SAMPLINGS}")
@@ -89,7 +89,7 @@ def flow_training_inputs(example_keys_: jax.Array, x0: jax.Array, *, sampling: s
                         mode_scale=mode_scale)
     return shift_timesteps(t, shift), jax.random.normal(key_noise, x0.shape[1:], jnp.float32)
 
-  return jax.vmap(draw)(example_keys_)
+  return jax.vmap(draw)(example_keys)
 
 
 def flow_matching_loss(model_fn: ModelFn, x0: jax.Array, t: jax.Array, noise: jax.Array, *,
@@ -188,7 +188,7 @@ def sample_flow(model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *, num_steps:
   sigmas = flow_sigmas(num_steps, shift, num_timesteps)
   params = FlowStepParams(jnp.arange(num_steps, dtype=jnp.int32), jnp.asarray(sigmas[:-1]),
                           jnp.asarray(sigmas[1:]))
-  keys = example_keys(key, x_T.shape[0])
+  keys = samplers.example_keys(key, x_T.shape[0])
   stochastic = method == "euler_maruyama" and diffusion_scale > 0
 
   def velocity_fn(x, sigma):
@@ -196,8 +196,9 @@ def sample_flow(model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *, num_steps:
     return model_fn(x, t).astype(jnp.float32)
 
   def step(x, p, final):
-    noise = step_noise(keys, p.index, x_T.shape) if stochastic and not final else None
+    noise = samplers.step_noise(keys, p.index, x_T.shape) if stochastic and not final else None
     return _STEPS[method](velocity_fn, x, p, noise, final, diffusion_scale)
 
-  x, frames = scan_steps(step, params, x_T, (lambda x, p: x) if return_trajectory else None)
+  view = (lambda x, p: x) if return_trajectory else None
+  x, frames = samplers.scan_steps(step, params, x_T, view)
   return (x, jnp.concatenate([x_T[None], frames])) if return_trajectory else x

@@ -272,7 +272,12 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, key: jax.Array
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _integrate(model_fn, config, return_trajectory, params, x_start, keys):
-  """Runs the steps; jitted with the tables as arguments, so grids of one length share a trace."""
+  """Runs the steps; jitted with the tables as arguments, so grids of one length share a trace.
+
+  The jit cache is keyed by `model_fn`'s identity: a module-level model function reuses compiled
+  code across calls, a fresh closure per call recompiles (and stays referenced by the cache until
+  evicted). Inside an outer jit (jaxdiff.sampling) this only inlines.
+  """
   sigma_space = sampler_tables.FAMILIES[config.method] == "sigma"
 
   def step(carry, p, final):
