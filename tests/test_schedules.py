@@ -3,11 +3,13 @@ import math
 
 import numpy as np
 import pytest
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, UniPCMultistepScheduler)
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
-from jaxdiff.diffusion import make_schedule, timesteps
+from jaxdiff.diffusion import karras_sigmas, make_schedule, sigma_table, timesteps
+from jaxdiff.diffusion.schedules import sigma_to_timestep
 
 T = 1000
 
@@ -88,6 +90,42 @@ def test_timesteps_match_diffusers(spacing, num_steps):
   assert grid.dtype == np.int32
   np.testing.assert_array_equal(grid, ref.timesteps.numpy())
   assert np.all(np.diff(grid) < 0)
+
+
+@pytest.mark.parametrize("convention, scheduler", [
+    ("multistep", DPMSolverMultistepScheduler), ("multistep", UniPCMultistepScheduler),
+    ("sigma", EulerDiscreteScheduler)])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("num_steps, steps_offset", [(1, 0), (7, 1), (50, 0), (333, 0)])
+def test_solver_and_sigma_grids_match_diffusers(convention, scheduler, spacing, num_steps,
+                                                steps_offset):
+  ref = scheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=steps_offset)
+  ref.set_timesteps(num_steps)
+  grid = timesteps(make_schedule("linear", T), num_steps, spacing, steps_offset, convention)
+  assert grid.dtype == (np.float32 if convention == "sigma" else np.int32)
+  np.testing.assert_array_equal(grid, ref.timesteps.numpy())
+
+
+def test_multistep_grids_never_reach_zero():
+  """n + 1 points with the last dropped (PITFALLS): T=1000, n=20 leading ends at 47, not 0."""
+  schedule = make_schedule("linear", T)
+  assert timesteps(schedule, 20, "leading", convention="multistep")[-1] == 47
+  assert timesteps(schedule, 20, "linspace", convention="multistep")[-1] == 50
+  assert timesteps(schedule, 20, "linspace")[-1] == 0
+
+
+def test_sigma_helpers_match_diffusers():
+  ref = EulerDiscreteScheduler(num_train_timesteps=T)
+  table = sigma_table(make_schedule("linear", T))
+  # diffusers multiplies ᾱ in float32, whose rounding shows in 1 - ᾱ for small t.
+  np.testing.assert_allclose(table, ((1 - ref.alphas_cumprod) / ref.alphas_cumprod).sqrt().numpy(),
+                             rtol=3e-4)
+  log_table = np.log(table)
+  sigmas = np.array([table[0], 0.5, 3.0, 77.7, table[-1]])
+  np.testing.assert_allclose(sigma_to_timestep(sigmas, table), ref._sigma_to_t(sigmas, log_table),
+                             rtol=1e-9, atol=1e-9)
+  np.testing.assert_allclose(karras_sigmas(0.03, 80.0, 9),
+                             ref._convert_to_karras(np.array([80.0, 0.03]), 9), rtol=1e-12)
 
 
 def test_known_grids_from_pitfalls():

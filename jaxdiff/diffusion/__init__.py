@@ -1,8 +1,12 @@
-"""Pure diffusion math: schedules, the forward process, losses, samplers, guidance, likelihood.
+"""Pure diffusion math: schedules, the forward process, losses, samplers, guidance, likelihood,
+flow matching (`flow`) and EDM (`edm`).
 
 Knows nothing of models or training: a model is any `model_fn(x_t, t) -> prediction`.
 """
+from jaxdiff.diffusion import edm
+from jaxdiff.diffusion import flow
 from jaxdiff.diffusion.guidance import classifier_free_guidance
+from jaxdiff.diffusion.guidance import rescale_guidance
 from jaxdiff.diffusion.keys import per_example_keys
 from jaxdiff.diffusion.likelihood import bits_per_dim
 from jaxdiff.diffusion.likelihood import discretized_gaussian_log_likelihood
@@ -14,12 +18,16 @@ from jaxdiff.diffusion.losses import min_snr_weight
 from jaxdiff.diffusion.losses import training_inputs
 from jaxdiff.diffusion.losses import WEIGHTINGS
 from jaxdiff.diffusion.sampler_settings import SamplerSettings
+from jaxdiff.diffusion.sampler_tables import DEFAULT_SPACINGS
 from jaxdiff.diffusion.samplers import METHODS
+from jaxdiff.diffusion.samplers import scan_steps
 from jaxdiff.diffusion.samplers import sample
 from jaxdiff.diffusion.samplers import VARIANCES
 from jaxdiff.diffusion.schedules import make_schedule
 from jaxdiff.diffusion.schedules import Schedule
 from jaxdiff.diffusion.schedules import SCHEDULE_NAMES
+from jaxdiff.diffusion.schedules import karras_sigmas
+from jaxdiff.diffusion.schedules import sigma_table
 from jaxdiff.diffusion.schedules import SPACINGS
 from jaxdiff.diffusion.schedules import timesteps
 from jaxdiff.diffusion.targets import eps_from_score

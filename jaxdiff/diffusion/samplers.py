@@ -1,27 +1,44 @@
-"""Samplers: one step function per method, driven by a single `lax.scan` over the timestep grid.
+"""Samplers: one step function per method, driven by a single `lax.scan` over the step tables.
 
-Each step maps x at grid timestep t_k to x at t_{k+1} (the next grid entry, read from the grid
-itself). After the last grid entry the sampler lands on ᾱ = 1 (diffusers' `set_alpha_to_one=True`,
-which makes the last step return the predicted x_0 exactly) or on ᾱ_0 (`set_alpha_to_one=False`).
-With respacing the model is always fed the original integer timesteps of the grid.
+Every method reproduces one diffusers scheduler with that scheduler's grid conventions (see
+`sampler_tables` and `schedules.timesteps`):
 
-The scan runs the first n-1 steps with a fixed-shape carry (x, last x_0 prediction); the last step
-is the same step function specialised at trace time (`final=True`), so nothing on the hot path
-branches with `lax.cond` and nothing leaves the device.
+| method            | diffusers scheduler                 | default spacing | family    |
+|-------------------|-------------------------------------|-----------------|-----------|
+| `ddpm`            | DDPMScheduler                       | leading         | ddim      |
+| `ddim`            | DDIMScheduler                       | leading         | ddim      |
+| `dpmpp_2m`        | DPMSolverMultistepScheduler (2M)    | linspace        | multistep |
+| `unipc`           | UniPCMultistepScheduler (bh2)       | linspace        | multistep |
+| `euler`           | EulerDiscreteScheduler              | linspace        | sigma     |
+| `euler_ancestral` | EulerAncestralDiscreteScheduler     | linspace        | sigma     |
+| `heun`            | HeunDiscreteScheduler               | linspace        | sigma     |
+
+The model always receives float32 timesteps [B]; σ-space methods (family `sigma`) may pass
+fractional ones, interpolated from the σ table as diffusers does. `sample` takes standard-normal
+x_T for every method; σ-space methods scale it by diffusers' `init_noise_sigma` and carry
+y = x / sqrt(ᾱ), which `sample` maps back to the VP scale in the trajectory.
+
+`scan_steps` is the one driver (also used by `flow` and `edm`): the first n-1 steps run in a
+`lax.scan` with a fixed-shape carry; the last step is the same step function specialised at
+trace time (`final=True`), so nothing on the hot path branches with `lax.cond` and nothing leaves
+the device. Per-step tables are computed on the host in float64 from the concrete schedule, so
+the schedule must not be a traced jit argument (close over it).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdiff.diffusion import targets
+from jaxdiff.diffusion import sampler_tables, sigma_steps, targets, vp_steps
 from jaxdiff.diffusion.guidance import classifier_free_guidance
-from jaxdiff.diffusion.schedules import Schedule, timesteps
+from jaxdiff.diffusion.schedules import Schedule, SPACINGS
 
-METHODS = ("ddpm", "ddim", "dpmpp_2m", "heun")
+METHODS = tuple(sampler_tables.FAMILIES)
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -34,37 +51,46 @@ class SamplerConfig:
   eta: float = 0.0
   variance: str = "fixed_small"
   clip_denoised: bool = False
-  set_alpha_to_one: bool = True
-  # DPM-Solver++ falls back to first order on the last step (diffusers' `lower_order_final`).
-  lower_order_final: bool = True
+  use_clipped_model_output: bool = True
 
 
 class StepParams(NamedTuple):
-  """Per-step scalars; `step_params` stacks them to [n] arrays for the scan."""
+  """Per-step values, stacked to [n, ...] arrays for the scan (unused fields are zeros)."""
   index: jax.Array  # int32, step number k (folded into the noise keys).
-  t: jax.Array  # int32, timestep fed to the model.
-  t_next: jax.Array  # int32, timestep the step lands on (0 after the last grid entry).
-  alpha_bar: jax.Array  # float32, ᾱ at t.
+  t: jax.Array  # float32, timestep fed to the model at step k.
+  t_next: jax.Array  # float32, timestep of the second model call (heun).
+  alpha_bar: jax.Array  # float32, ᾱ at step k (VP methods).
   alpha_bar_next: jax.Array  # float32, ᾱ where the step lands.
-  alpha_bar_before: jax.Array  # float32, ᾱ at the previous grid entry (= alpha_bar at k = 0).
+  sigma: jax.Array  # float32, σ_k (σ-space methods).
+  sigma_next: jax.Array  # float32, σ_{k+1}.
+  coefficients: jax.Array  # float32 [2, 6], multistep weights (see `vp_steps.multistep_step`).
 
 
 class SamplerState(NamedTuple):
-  """The scan carry: x [B, ...] and the previous x_0 prediction [B, ...] (DPM-Solver++ history)."""
+  """The scan carry: x [B, ...] (y for σ-space methods), the last x̂_0 predictions
+  [H, B, ...] and the corrected previous sample [B, ...] (multistep methods; H = 0 otherwise)."""
   x: jax.Array
-  denoised: jax.Array
+  history: jax.Array
+  previous_x: jax.Array
 
 
-def step_params(schedule: Schedule, grid, set_alpha_to_one: bool = True) -> StepParams:
-  """Stacks the per-step scalars of a descending int grid [n] into [n] arrays."""
-  grid = jnp.asarray(grid, jnp.int32)
-  alpha_bar = schedule.alphas_cumprod[grid]
-  final = jnp.ones((1,), jnp.float32) if set_alpha_to_one else schedule.alphas_cumprod[:1]
-  return StepParams(
-      index=jnp.arange(grid.shape[0], dtype=jnp.int32), t=grid,
-      t_next=jnp.concatenate([grid[1:], jnp.zeros((1,), jnp.int32)]),
-      alpha_bar=alpha_bar, alpha_bar_next=jnp.concatenate([alpha_bar[1:], final]),
-      alpha_bar_before=jnp.concatenate([alpha_bar[:1], alpha_bar[:-1]]))
+def initial_state(method: str, x: jax.Array) -> SamplerState:
+  """The carry at k = 0; only multistep methods hold a history."""
+  multistep = sampler_tables.FAMILIES[method] == "multistep"
+  size = sampler_tables.NUM_TERMS - 3 if multistep else 0
+  return SamplerState(x, jnp.zeros((size,) + x.shape, x.dtype),
+                      x if multistep else jnp.zeros((0,), x.dtype))
+
+
+def step_params(tables: dict[str, np.ndarray]) -> StepParams:
+  """Stacks host tables (from `sampler_tables`) into StepParams [n]; missing fields are zeros."""
+  num_steps = len(tables["t"])
+  zeros = np.zeros(num_steps, np.float32)
+  fields = {name: jnp.asarray(tables.get(name, zeros))
+            for name in StepParams._fields if name not in ("index", "coefficients")}
+  coefficients = tables.get("coefficients", np.zeros((num_steps, 2, 0), np.float32))
+  return StepParams(index=jnp.arange(num_steps, dtype=jnp.int32),
+                    coefficients=jnp.asarray(coefficients), **fields)
 
 
 def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
@@ -82,115 +108,16 @@ def step_noise(keys: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape[1:]))(keys)
 
 
-def _denoise(model_fn: ModelFn, config: SamplerConfig, x: jax.Array, t: jax.Array,
-             alpha_bar: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Calls the model at integer timestep t; returns (x_0, ε, variance channels), float32."""
-  out = model_fn(x, jnp.full((x.shape[0],), t, jnp.int32)).astype(jnp.float32)
-  channels = x.shape[-1]
-  if out.shape[-1] not in (channels, 2 * channels):
-    raise ValueError(f"model output has {out.shape[-1]} channels; expected {channels} or "
-                     f"{2 * channels} (learned variance)")
-  x0, eps = targets.x0_and_eps(config.prediction, out[..., :channels], x, alpha_bar)
-  if config.clip_denoised:
-    # As ADM: clip x_0 to [-1, 1] and re-derive ε from it, so the step stays consistent.
-    x0 = jnp.clip(x0, -1.0, 1.0)
-    eps = targets.eps_from_x0(x, x0, alpha_bar)
-  return x0, eps, out[..., channels:]
-
-
-def _ddim_step(model_fn, config, state, p, noise, final):
-  """DDIM (Song et al. 2021, eq. 12): x' = sqrt(ᾱ') x̂_0 + sqrt(1 - ᾱ' - σ²) ε̂ + σ z,
-  σ = η sqrt((1 - ᾱ') / (1 - ᾱ) (1 - ᾱ / ᾱ')) (eq. 16)."""
-  del final
-  x0, eps, _ = _denoise(model_fn, config, state.x, p.t, p.alpha_bar)
-  ab, ab_next = p.alpha_bar, p.alpha_bar_next
-  sigma = config.eta * jnp.sqrt((1.0 - ab_next) / (1.0 - ab) * (1.0 - ab / ab_next))
-  x = jnp.sqrt(ab_next) * x0 + jnp.sqrt(jnp.maximum(1.0 - ab_next - sigma**2, 0.0)) * eps
-  if noise is not None:
-    x = x + sigma * noise
-  return SamplerState(x, x0)
-
-
-def _ddpm_step(model_fn, config, state, p, noise, final):
-  """Ancestral step from p(x' | x) = N(μ̃(x, x̂_0), Σ) (Ho et al. eq. 6-7) between grid points,
-  with β = 1 - ᾱ / ᾱ'. Σ is β̃ (fixed_small), β (fixed_large) or exp(f log β + (1 - f) log β̃),
-  f = (v + 1) / 2 from the model's extra channels (learned, Nichol & Dhariwal eq. 15)."""
-  x0, _, var_values = _denoise(model_fn, config, state.x, p.t, p.alpha_bar)
-  ab, ab_next = p.alpha_bar, p.alpha_bar_next
-  beta = 1.0 - ab / ab_next
-  mean = (jnp.sqrt(ab_next) * beta / (1.0 - ab)) * x0 + (
-      jnp.sqrt(1.0 - beta) * (1.0 - ab_next) / (1.0 - ab)) * state.x
-  if final or noise is None:  # No noise is added on the last step (ADM's t = 0 mask).
-    return SamplerState(mean, x0)
-  # Clamped as diffusers does, since β̃ = 0 where ᾱ' = 1.
-  log_small = jnp.log(jnp.maximum(beta * (1.0 - ab_next) / (1.0 - ab), 1e-20))
-  log_large = jnp.log(beta)
-  if config.variance == "fixed_small":
-    log_var = log_small
-  elif config.variance == "fixed_large":
-    log_var = log_large
-  else:
-    if var_values.shape != state.x.shape:
-      raise ValueError("variance='learned' needs a model with 2C output channels")
-    frac = (var_values + 1.0) / 2.0
-    log_var = frac * log_large + (1.0 - frac) * log_small
-  return SamplerState(mean + jnp.exp(0.5 * log_var) * noise, x0)
-
-
-def _log_snr(alpha_bar):
-  """λ = log(α / σ) = ½ log(ᾱ / (1 - ᾱ))."""
-  return 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
-
-
-def _dpmpp_2m_step(model_fn, config, state, p, noise, final):
-  """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form):
-  x' = (σ'/σ) x + α' (1 - e^{-h}) D, h = λ' - λ, D = x̂_0 + (x̂_0 - x̂_0^{prev}) / (2r),
-  r = h_prev / h. First order (D = x̂_0) on the first step and, with `lower_order_final`, on
-  the last."""
-  del noise
-  x0, _, _ = _denoise(model_fn, config, state.x, p.t, p.alpha_bar)
-  ab, ab_next = p.alpha_bar, p.alpha_bar_next
-  alpha, sigma = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-  alpha_next, sigma_next = jnp.sqrt(ab_next), jnp.sqrt(1.0 - ab_next)
-  decay = (sigma_next * alpha) / (alpha_next * sigma)  # e^{-h}, finite even when σ' = 0.
-  if final and config.lower_order_final:
-    direction = x0
-  else:
-    log_snr = _log_snr(ab)
-    ratio = (log_snr - _log_snr(p.alpha_bar_before)) / (_log_snr(ab_next) - log_snr)
-    coef = jnp.where(p.index == 0, 0.0, 0.5 / ratio)  # Scalar select: no history at k = 0.
-    direction = x0 + coef * (x0 - state.denoised)
-  x = (sigma_next / sigma) * state.x + alpha_next * (1.0 - decay) * direction
-  return SamplerState(x, x0)
-
-
-def _heun_step(model_fn, config, state, p, noise, final):
-  """Heun's 2nd-order method on the probability-flow ODE in EDM form (Karras et al. 2022, Alg. 1):
-  y = x / sqrt(ᾱ), σ = sqrt((1 - ᾱ) / ᾱ), dy/dσ = (y - D(y; σ)) / σ, D = x̂_0. Both evaluations
-  are at integer grid timesteps (t, then t_next), so the model never sees fractional timesteps;
-  the step to σ' = 0 (last step with `set_alpha_to_one`) is Euler and returns x̂_0 exactly."""
-  del noise
-  x0, _, _ = _denoise(model_fn, config, state.x, p.t, p.alpha_bar)
-  if final and config.set_alpha_to_one:
-    return SamplerState(x0, x0)
-  ab, ab_next = p.alpha_bar, p.alpha_bar_next
-  sigma, sigma_next = jnp.sqrt((1.0 - ab) / ab), jnp.sqrt((1.0 - ab_next) / ab_next)
-  y = state.x / jnp.sqrt(ab)
-  slope = (y - x0) / sigma
-  y_euler = y + (sigma_next - sigma) * slope
-  x0_next, _, _ = _denoise(model_fn, config, y_euler * jnp.sqrt(ab_next), p.t_next, ab_next)
-  slope_next = (y_euler - x0_next) / sigma_next
-  y_next = y + (sigma_next - sigma) * 0.5 * (slope + slope_next)
-  return SamplerState(y_next * jnp.sqrt(ab_next), x0)
-
-
-_STEPS = {"ddpm": _ddpm_step, "ddim": _ddim_step, "dpmpp_2m": _dpmpp_2m_step, "heun": _heun_step}
+_STEPS = {"ddpm": vp_steps.ddpm_step, "ddim": vp_steps.ddim_step,
+          "dpmpp_2m": vp_steps.multistep_step, "unipc": vp_steps.multistep_step,
+          "euler": sigma_steps.euler_step, "euler_ancestral": sigma_steps.euler_ancestral_step,
+          "heun": sigma_steps.heun_step}
 
 
 def needs_noise(config: SamplerConfig, final: bool) -> bool:
   """Whether a step draws noise (decided at trace time)."""
-  if config.method == "ddpm":
-    return not final
+  if config.method in ("ddpm", "euler_ancestral"):
+    return not final  # Both add no noise on the last step (σ' = 0 for Euler ancestral).
   return config.method == "ddim" and config.eta > 0
 
 
@@ -199,10 +126,10 @@ def sampler_step(model_fn: ModelFn, config: SamplerConfig, state: SamplerState, 
   """One step of `config.method` from grid entry k to k+1.
 
   Args:
-    model_fn: `(x [B,...], t int32 [B]) -> prediction [B,...,C or 2C]`.
+    model_fn: `(x [B,...], t float32 [B]) -> prediction [B,...,C or 2C]`.
     config: static options.
     state: the carry at step k.
-    params: the scalars of step k (one slice of `step_params`).
+    params: the values of step k (one slice of `step_params`).
     noise: [B, ...] standard normal, or None when `needs_noise` is False.
     final: whether this is the last step (static).
 
@@ -212,7 +139,33 @@ def sampler_step(model_fn: ModelFn, config: SamplerConfig, state: SamplerState, 
   return _STEPS[config.method](model_fn, config, state, params, noise, final)
 
 
-def _validate(schedule, method, num_steps, eta, prediction, variance):
+def scan_steps(step: Callable, params, state, view: Callable | None = None):
+  """The one sampler driver: `step(state, p, final)` over the leading axis of `params` [n].
+
+  Args:
+    step: `(carry, params of one step, final: bool static) -> carry`.
+    params: a pytree of [n, ...] arrays (its first n-1 slices run in a `lax.scan`).
+    state: the initial carry (fixed shapes).
+    view: optional `(carry, params of one step) -> frame` recorded after every step.
+
+  Returns:
+    (final carry, frames [n, ...] or None).
+  """
+  def body(carry, p):
+    carry = step(carry, p, False)
+    return carry, (view(carry, p) if view is not None else None)
+
+  head = jax.tree.map(lambda a: a[:-1], params)
+  last = jax.tree.map(lambda a: a[-1], params)
+  state, frames = jax.lax.scan(body, state, head)
+  state = step(state, last, True)
+  if view is not None:
+    frames = jnp.concatenate([frames, view(state, last)[None]])
+  return state, frames
+
+
+def _validate(schedule, method, num_steps, eta, prediction, variance, spacing, karras,
+              final_sigmas_type, solver_order):
   if method not in METHODS:
     raise ValueError(f"method={method!r} is unknown; choose one of {METHODS}")
   if int(num_steps) != num_steps or num_steps < 1:
@@ -225,70 +178,118 @@ def _validate(schedule, method, num_steps, eta, prediction, variance):
   targets.check_prediction(prediction)
   if variance not in VARIANCES:
     raise ValueError(f"variance={variance!r} is unknown; choose one of {VARIANCES}")
+  if spacing is not None and spacing not in SPACINGS:
+    raise ValueError(f"spacing={spacing!r} is unknown; choose one of {SPACINGS}")
+  if karras and method not in sampler_tables.KARRAS_METHODS:
+    raise ValueError(f"karras_sigmas=True is not available for method={method!r}; use one of "
+                     f"{sampler_tables.KARRAS_METHODS}")
+  if final_sigmas_type not in sampler_tables.FINAL_SIGMAS_TYPES:
+    raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is unknown; choose one of "
+                     f"{sampler_tables.FINAL_SIGMAS_TYPES}")
+  if final_sigmas_type != "zero" and method not in sampler_tables.FINAL_SIGMA_METHODS:
+    raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is not available for "
+                     f"method={method!r}; use one of {sampler_tables.FINAL_SIGMA_METHODS}")
+  allowed_orders = {"unipc": (1, 2, 3), "dpmpp_2m": (2,)}.get(method, (2,))
+  if solver_order not in allowed_orders:
+    raise ValueError(f"solver_order={solver_order} is not available for method={method!r}; "
+                     f"choose one of {allowed_orders}")
 
 
 def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, key: jax.Array, *,
-           method: str, num_steps: int, eta: float = 0.0, spacing: str = "leading",
+           method: str, num_steps: int, eta: float = 0.0, spacing: str | None = None,
            prediction: str = "eps", clip_denoised: bool = False,
            guidance_scale: float | None = None, variance: str = "fixed_small",
-           set_alpha_to_one: bool = True, return_trajectory: bool = False):
+           set_alpha_to_one: bool = True, return_trajectory: bool = False,
+           steps_offset: int = 0, karras_sigmas: bool = False, final_sigmas_type: str = "zero",
+           solver_order: int = 2, use_clipped_model_output: bool = True,
+           guidance_interval: tuple[float, float] | None = None, guidance_rescale: float = 0.0):
   """Draws samples by integrating the reverse process from x_T.
 
   Args:
-    model_fn: `(x_t [B,...,C], t int32 [B]) -> [B,...,C]` prediction of type `prediction`, or
+    model_fn: `(x_t [B,...,C], t float32 [B]) -> [B,...,C]` prediction of type `prediction`, or
       `[B,...,2C]` with learned-variance channels (used by `ddpm` with `variance="learned"`,
-      ignored otherwise). Any dtype; the sampler casts it to float32 and computes in float32.
-      With `guidance_scale`, `model_fn` is called on the doubled batch `[x; x]`, `[t; t]` and must
-      evaluate the first half with the labels and the second half with the null label (see
+      ignored otherwise). t is float32 and fractional for σ-space methods with `linspace` spacing
+      or Karras σ. Any output dtype; the sampler computes in float32. With `guidance_scale`,
+      `model_fn` is called on the doubled batch `[x; x]`, `[t; t]` and must evaluate the first
+      half with the labels and the second half with the null label (see
       `classifier_free_guidance`).
-    schedule: the training schedule.
-    x_T: [B, ...] initial noise.
+    schedule: the training schedule (concrete, not a traced argument).
+    x_T: [B, ...] standard normal noise (σ-space methods scale it by `init_noise_sigma`).
     key: one PRNG key, or per-example keys [B]. The noise of example i at step k is drawn from
       fold_in(key_i, k) (key_i = fold_in(key, i) for a single key), so it does not depend on the
       batch composition or device count.
-    method: `ddpm` (ancestral), `ddim` (any eta), `dpmpp_2m` (DPM-Solver++ 2M) or `heun` (EDM's
-      2nd-order ODE solver on the VP schedule, 2n - 1 model calls with `set_alpha_to_one`).
-    num_steps: n, the length of the timestep grid, 1 <= n <= T.
+    method: one of `METHODS` (see the module docstring for the diffusers scheduler each follows).
+    num_steps: n, the number of steps, 1 <= n <= T (`heun` calls the model 2n - 1 times).
     eta: DDIM noise scale (0: deterministic, 1: DDPM-like); only used by `ddim`.
-    spacing: `leading | linspace | trailing` (see `schedules.timesteps`).
+    spacing: `leading | linspace | trailing` in the convention of the method's diffusers
+      scheduler (see `schedules.timesteps`); None: that scheduler's default.
     prediction: `eps | x0 | v`.
-    clip_denoised: clip the predicted x_0 to [-1, 1] (and re-derive ε from it) at every step.
+    clip_denoised: clip the predicted x_0 to [-1, 1] at every step (diffusers' `clip_sample`).
     guidance_scale: classifier-free guidance scale s (None: no guidance).
     variance: `fixed_small` (β̃), `fixed_large` (β) or `learned`; only used by `ddpm`.
-    set_alpha_to_one: the step after the last grid entry lands on ᾱ = 1 (True, returns x̂_0 with
-      eta = 0) or on ᾱ_0 (False).
+    set_alpha_to_one: `ddpm`/`ddim`: after the grid land on ᾱ = 1 (True, returns x̂_0 with eta = 0)
+      or on ᾱ_0 (False).
     return_trajectory: also return the states.
+    steps_offset: added to `leading` grids (Stable Diffusion's configs use 1).
+    karras_sigmas: Karras et al. (2022) σ with ρ = 7 (diffusers' `use_karras_sigmas`).
+    final_sigmas_type: `zero` or `sigma_min`, σ after the grid (`dpmpp_2m`, `unipc`, `euler`).
+    solver_order: UniPC order 1-3 (`dpmpp_2m` is order 2).
+    use_clipped_model_output: with `clip_denoised`, `ddim` re-derives ε from the clipped x_0 (True,
+      as ADM) or keeps the model's ε (False, diffusers' DDIMScheduler.step default).
+    guidance_interval: (t_low, t_high): guide only where t_low <= t <= t_high (model timesteps).
+    guidance_rescale: φ of CFG rescale (Lin et al. 2024); 0 is off.
 
   Returns:
     Samples [B, ...] float32, and with `return_trajectory` a trajectory [n + 1, B, ...] whose
-    entry k is x after k steps (entry 0 is x_T, entry n the samples).
+    entry k is x after k steps on the VP scale (σ-space y divided by sqrt(σ² + 1)); entry 0 is
+    x_T times `init_noise_sigma` / sqrt(σ_0² + 1) for σ-space methods, else x_T.
 
   Raises:
     ValueError: naming the first bad argument.
   """
-  _validate(schedule, method, num_steps, eta, prediction, variance)
-  if guidance_scale is not None:
-    model_fn = classifier_free_guidance(model_fn, guidance_scale, x_T.shape[-1])
-  config = SamplerConfig(
-      method=method, prediction=prediction, eta=float(eta), variance=variance,
-      clip_denoised=clip_denoised, set_alpha_to_one=set_alpha_to_one,
-      lower_order_final=set_alpha_to_one or num_steps < 15)
-  params = step_params(schedule, timesteps(schedule, num_steps, spacing), set_alpha_to_one)
+  _validate(schedule, method, num_steps, eta, prediction, variance, spacing, karras_sigmas,
+            final_sigmas_type, solver_order)
   x_T = jnp.asarray(x_T, jnp.float32)
+  if guidance_scale is not None:
+    model_fn = classifier_free_guidance(model_fn, guidance_scale, x_T.shape[-1],
+                                        interval=guidance_interval, rescale=guidance_rescale)
+  elif guidance_interval is not None or guidance_rescale:
+    raise ValueError("guidance_interval and guidance_rescale need a guidance_scale")
+  spacing = sampler_tables.DEFAULT_SPACINGS[method] if spacing is None else spacing
+  tables = sampler_tables.method_tables(
+      schedule, method, num_steps, spacing, steps_offset=steps_offset,
+      set_alpha_to_one=set_alpha_to_one, karras=karras_sigmas,
+      final_sigmas_type=final_sigmas_type, solver_order=solver_order)
+  params = step_params(tables)
+  config = SamplerConfig(method=method, prediction=prediction, eta=float(eta), variance=variance,
+                         clip_denoised=clip_denoised,
+                         use_clipped_model_output=use_clipped_model_output)
   keys = example_keys(key, x_T.shape[0])
+  x_start = x_T * jnp.float32(tables.get("init_scale", 1.0))
+  x, frames = _integrate(model_fn, config, return_trajectory, params, x_start, keys)
+  return (x, frames) if return_trajectory else x
 
-  def run_step(state, p, final):
-    noise = step_noise(keys, p.index, x_T.shape) if needs_noise(config, final) else None
-    return sampler_step(model_fn, config, state, p, noise, final=final)
 
-  def body(state, p):
-    state = run_step(state, p, False)
-    return state, state.x if return_trajectory else None
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _integrate(model_fn, config, return_trajectory, params, x_start, keys):
+  """Runs the steps; jitted with the tables as arguments, so grids of one length share a trace.
 
-  head = jax.tree.map(lambda a: a[:-1], params)
-  last = jax.tree.map(lambda a: a[-1], params)
-  state, xs = jax.lax.scan(body, SamplerState(x_T, jnp.zeros_like(x_T)), head)
-  state = run_step(state, last, True)
-  if return_trajectory:
-    return state.x, jnp.concatenate([x_T[None], xs, state.x[None]])
-  return state.x
+  The jit cache is keyed by `model_fn`'s identity: a module-level model function reuses compiled
+  code across calls, a fresh closure per call recompiles (and stays referenced by the cache until
+  evicted). Inside an outer jit (jaxdiff.sampling) this only inlines.
+  """
+  sigma_space = sampler_tables.FAMILIES[config.method] == "sigma"
+
+  def step(carry, p, final):
+    noise = step_noise(keys, p.index, x_start.shape) if needs_noise(config, final) else None
+    return sampler_step(model_fn, config, carry, p, noise, final=final)
+
+  def view(carry, p):
+    return carry.x / jnp.sqrt(p.sigma_next**2 + 1.0) if sigma_space else carry.x
+
+  state, frames = scan_steps(step, params, initial_state(config.method, x_start),
+                             view if return_trajectory else None)
+  if not return_trajectory:
+    return state.x, None
+  first = x_start / jnp.sqrt(params.sigma[0]**2 + 1.0) if sigma_space else x_start
+  return state.x, jnp.concatenate([first[None], frames])

@@ -162,43 +162,86 @@ def make_schedule(name: str, num_timesteps: int = 1000, *, beta_start: float | N
 
 
 SPACINGS = ("leading", "linspace", "trailing")
+# How a diffusers scheduler family lays out the same spacing name (see `timesteps`).
+GRID_CONVENTIONS = ("ddim", "multistep", "sigma")
 
 
 def timesteps(schedule: Schedule, num_steps: int, spacing: str = "leading",
-              steps_offset: int = 0) -> np.ndarray:
+              steps_offset: int = 0, convention: str = "ddim") -> np.ndarray:
   """The descending grid of timesteps a sampler visits (diffusers' `timestep_spacing`).
 
-  With T = schedule.num_timesteps and n = num_steps (Lin et al. 2024, Table 2):
-  `leading`: k · (T // n) + steps_offset for k = n-1..0 (T=1000, n=50: 980, 960, ..., 0);
-  `linspace`: round(linspace(0, T-1, n)) reversed (999, ..., 0);
-  `trailing`: round(T - k · T/n) - 1 for k = 0..n-1 (999, 979, ..., 19).
+  With T = schedule.num_timesteps and n = num_steps (Lin et al. 2024, Table 2), per `convention`
+  (the same spacing name means different grids in different diffusers schedulers):
+
+  `ddim` (DDIMScheduler, DDPMScheduler), int32:
+    `leading`: k · (T // n) + steps_offset for k = n-1..0 (T=1000, n=50: 980, 960, ..., 0);
+    `linspace`: round(linspace(0, T-1, n)) reversed (999, ..., 0);
+    `trailing`: round(T - k · T/n) - 1 for k = 0..n-1 (999, 979, ..., 19).
+  `multistep` (DPMSolverMultistepScheduler, UniPCMultistepScheduler), int32: n + 1 points with the
+    last (t = 0) dropped, so the model is never evaluated at t = 0:
+    `leading`: k · (T // (n+1)) + steps_offset for k = n..1; `linspace`: round(linspace(0, T-1,
+    n+1)) reversed without its last entry; `trailing` as `ddim`.
+  `sigma` (Euler, Euler ancestral, Heun), float32: `linspace` is linspace(0, T-1, n) reversed,
+    unrounded (fractional timesteps); `leading` and `trailing` as `ddim`.
 
   Args:
     schedule: the schedule (only T is used).
     num_steps: n, 1 <= n <= T.
     spacing: one of `SPACINGS`.
     steps_offset: added to the `leading` grid (Stable Diffusion uses 1).
+    convention: one of `GRID_CONVENTIONS`.
 
   Returns:
-    int32 [n] NumPy array, descending, in [0, T-1].
+    [n] NumPy array, descending, in [0, T-1]: int32, or float32 for `sigma`.
 
   Raises:
-    ValueError: bad `num_steps` or unknown `spacing`.
+    ValueError: bad `num_steps`, unknown `spacing` or `convention`.
   """
   total = schedule.num_timesteps
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"num_steps={num_steps} must be an integer >= 1")
   if num_steps > total:
     raise ValueError(f"num_steps={num_steps} exceeds schedule.num_timesteps={total}")
+  if convention not in GRID_CONVENTIONS:
+    raise ValueError(f"convention={convention!r} is unknown; choose one of {GRID_CONVENTIONS}")
+  points = num_steps + 1 if convention == "multistep" else num_steps
   if spacing == "leading":
-    grid = np.arange(num_steps)[::-1] * (total // num_steps) + steps_offset
+    grid = (np.arange(points)[::-1] * (total // points) + steps_offset)[:num_steps]
+  elif spacing == "linspace" and convention == "sigma":
+    grid = np.linspace(0, total - 1, num_steps, dtype=np.float32)[::-1]
   elif spacing == "linspace":
-    grid = np.linspace(0, total - 1, num_steps).round()[::-1]
+    grid = np.linspace(0, total - 1, points).round()[::-1][:num_steps]
   elif spacing == "trailing":
     grid = (np.round(np.arange(total, 0, -total / num_steps)) - 1)[:num_steps]
   else:
     raise ValueError(f"spacing={spacing!r} is unknown; choose one of {SPACINGS}")
-  grid = grid.astype(np.int32)
+  grid = grid.astype(np.float32 if convention == "sigma" else np.int32)
   if grid.max() >= total or grid.min() < 0:
     raise ValueError(f"steps_offset={steps_offset} puts timesteps outside [0, {total - 1}]")
   return grid
+
+
+def sigma_table(schedule: Schedule) -> np.ndarray:
+  """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) [T] in float64, from the stored float32 ᾱ (as diffusers' sigma
+  schedulers build it), so that x_t / sqrt(ᾱ_t) = x_0 + σ_t ε."""
+  alpha_bar = np.asarray(schedule.alphas_cumprod, np.float64)
+  return np.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def sigma_to_timestep(sigmas: np.ndarray, table: np.ndarray) -> np.ndarray:
+  """Fractional timesteps of `sigmas` [n]: linear interpolation of log σ in `table` [T]
+  (diffusers' `_sigma_to_t`; clipped to [0, T-1])."""
+  log_table = np.log(table)
+  log_sigma = np.log(np.maximum(np.asarray(sigmas, np.float64), 1e-10))
+  low = np.clip(np.searchsorted(log_table, log_sigma, side="right") - 1, 0, len(table) - 2)
+  weight = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
+  return (1.0 - weight) * low + weight * (low + 1)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int,
+                  rho: float = 7.0) -> np.ndarray:
+  """σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ, i = 0..n-1 (Karras et al. 2022,
+  eq. 5), float64 [n], descending."""
+  ramp = np.linspace(0.0, 1.0, num_steps)
+  inverse_min, inverse_max = sigma_min**(1.0 / rho), sigma_max**(1.0 / rho)
+  return (inverse_max + ramp * (inverse_min - inverse_max))**rho
