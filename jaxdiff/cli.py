@@ -75,8 +75,8 @@ def _option_fields(options_cls: type) -> list[dataclasses.Field]:
 def define_flags(options_cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines one absl flag per field of `options_cls` (nested dataclasses flattened).
 
-  Field types: str, int, float, bool, `X | None` (default None) and tuple[int, ...] (given as
-  comma-separated integers). The help text is the field's `metadata["help"]`.
+  Field types: str, int, float, bool, `X | None` (default None) and tuple[int, ...] or
+  tuple[float, ...] (given comma-separated). The help text is the field's `metadata["help"]`.
   """
   definers = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
               bool: flags.DEFINE_bool}
@@ -90,12 +90,13 @@ def define_flags(options_cls: type, flag_values: flags.FlagValues = flags.FLAGS)
       definers[kind](field.name, field.default, help_text, flag_values=flag_values)
 
 
-def parse_int_tuple(name: str, text: str) -> tuple[int, ...]:
-  """'3, 5,7' -> (3, 5, 7); '' -> (); anything else is a UsageError naming --name."""
+def parse_tuple(name: str, text: str, element: type = int) -> tuple:
+  """'3, 5,7' -> (3, 5, 7) of `element`s; '' -> (); anything else is a UsageError naming --name."""
   try:
-    return tuple(int(part) for part in text.split(",") if part.strip())
+    return tuple(element(part) for part in text.split(",") if part.strip())
   except ValueError:
-    raise UsageError(f"--{name}={text!r} must be comma-separated integers") from None
+    kind = "integers" if element is int else "numbers"
+    raise UsageError(f"--{name}={text!r} must be comma-separated {kind}") from None
 
 
 def options_from_flags(options_cls: type, flag_values: flags.FlagValues = flags.FLAGS):
@@ -106,8 +107,9 @@ def options_from_flags(options_cls: type, flag_values: flags.FlagValues = flags.
       values[field.name] = options_from_flags(field.type, flag_values)
       continue
     value = flag_values[field.name].value
-    if typing.get_origin(_flag_kind(field.type)[0]) is tuple:
-      value = parse_int_tuple(field.name, value)
+    kind = _flag_kind(field.type)[0]
+    if typing.get_origin(kind) is tuple:
+      value = parse_tuple(field.name, value, typing.get_args(kind)[0])
     values[field.name] = value
   return options_cls(**values)
 

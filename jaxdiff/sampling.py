@@ -12,7 +12,7 @@ every mesh axis); the results are gathered to every process.
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,6 +49,8 @@ class DiffusionModel:
     num_classes: 0 for an unconditional model; the null label is `num_classes`.
     learn_sigma: the network also outputs C variance channels (after the C prediction channels).
     has_null_label: the label `num_classes` means "no label" (needed by guidance).
+    scheduler_kwargs: options of `diffusion.sample` that describe the model's own scheduler (a
+      diffusers scheduler config: steps_offset, set_alpha_to_one, final_sigmas_type, ...).
   """
   module: nn.Module
   params: Any
@@ -58,16 +60,19 @@ class DiffusionModel:
   num_classes: int = 0
   learn_sigma: bool = False
   has_null_label: bool = False
+  scheduler_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_module(cls, module: nn.Module, params: Any, schedule: diffusion.Schedule,
-                  prediction: str, image_shape: tuple[int, int, int]) -> "DiffusionModel":
+                  prediction: str, image_shape: tuple[int, int, int],
+                  scheduler_kwargs: Mapping[str, Any] | None = None) -> "DiffusionModel":
     """Reads the conditioning from a jaxdiff backbone (UNet or DiT: `num_classes`,
     `class_dropout_prob`, `learn_sigma`), whether built from a config or a diffusers folder."""
     return cls(module=module, params=params, schedule=schedule, prediction=prediction,
                image_shape=tuple(image_shape), num_classes=module.num_classes,
                learn_sigma=module.learn_sigma,
-               has_null_label=module.num_classes > 0 and module.class_dropout_prob > 0)
+               has_null_label=module.num_classes > 0 and module.class_dropout_prob > 0,
+               scheduler_kwargs=dict(scheduler_kwargs or {}))
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -129,14 +134,11 @@ def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
         split_keys[:, 0])
     # Guidance is applied by `sample` to the first C output channels only, so learned-variance
     # channels pass through from the conditional half.
+    kwargs = {"variance": "learned" if model.learn_sigma else "fixed_small",
+              **model.scheduler_kwargs, **settings.sample_kwargs()}
     result = diffusion.sample(
         _model_fn(model, params, labels, settings.guided), model.schedule, x_T, split_keys[:, 1],
-        method=settings.method, num_steps=settings.num_steps, eta=settings.eta,
-        spacing=settings.spacing, prediction=model.prediction,
-        clip_denoised=bool(settings.clip_denoised),
-        guidance_scale=settings.guidance_scale if settings.guided else None,
-        variance="learned" if model.learn_sigma else "fixed_small",
-        return_trajectory=trajectory)
+        prediction=model.prediction, return_trajectory=trajectory, **kwargs)
     if trajectory:
       return jnp.moveaxis(result[1], 0, 1)
     return result

@@ -40,11 +40,14 @@ def test_flags_come_from_the_dataclass_and_parse_back():
                             inner=Inner(method="ddpm", scale=1.5))
 
 
-def test_parse_int_tuple():
-  assert cli.parse_int_tuple("labels", " 3, 5,7") == (3, 5, 7)
-  assert cli.parse_int_tuple("labels", "") == ()
+def test_parse_tuple():
+  assert cli.parse_tuple("labels", " 3, 5,7") == (3, 5, 7)
+  assert cli.parse_tuple("labels", "") == ()
+  assert cli.parse_tuple("interval", "0.5,2", float) == (0.5, 2.0)
   with pytest.raises(cli.UsageError, match="--labels='a,b' must be comma-separated integers"):
-    cli.parse_int_tuple("labels", "a,b")
+    cli.parse_tuple("labels", "a,b")
+  with pytest.raises(cli.UsageError, match="--interval='x' must be comma-separated numbers"):
+    cli.parse_tuple("interval", "x", float)
 
 
 def test_fail_prints_one_line_and_exits_2(capsys):

@@ -121,7 +121,7 @@ def _one_step(method, model_fn, k=4, spacing="leading", noise=None, x=None, **op
   noise = jnp.asarray(_x_T(seed=9) if noise is None else noise)
   tables = sampler_tables.method_tables(SCHEDULE, method, 10, spacing)
   params = jax.tree.map(lambda a: a[k], samplers.step_params(tables))
-  config = samplers.SamplerConfig(method=method, **options)
+  config = samplers.StepOptions(method=method, **options)
   state = samplers.initial_state(method, x)
   return samplers.sampler_step(model_fn, config, state, params, noise, final=False).x
 
@@ -180,7 +180,7 @@ def test_gaussian_recovery_no_worse_than_diffusers_default(method):
 
 def _python_loop(model_fn, x_T, key, method, num_steps, **options):
   """The same step function, called step by step from Python."""
-  config = samplers.SamplerConfig(method=method)
+  config = samplers.StepOptions(method=method)
   tables = sampler_tables.method_tables(SCHEDULE, method, num_steps, "leading", **options)
   params = samplers.step_params(tables)
   keys = samplers.example_keys(key, x_T.shape[0])

@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxdiff.diffusion import sampler_tables, sigma_steps, targets, vp_steps
 from jaxdiff.diffusion.guidance import classifier_free_guidance
+from jaxdiff.diffusion.keys import per_example_keys
 from jaxdiff.diffusion.schedules import Schedule, SPACINGS
 
 METHODS = tuple(sampler_tables.FAMILIES)
@@ -44,8 +45,9 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-  """Static sampler options (see `sample`)."""
+class StepOptions:
+  """The trace-time options a step function reads, resolved by `sample` from its arguments
+  (users choose sampler options through `sample`'s keywords or `SamplerSettings`)."""
   method: str = "ddim"
   prediction: str = "eps"
   eta: float = 0.0
@@ -100,7 +102,7 @@ def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
     if key.shape[0] != batch_size:
       raise ValueError(f"key holds {key.shape[0]} keys but x_T has batch size {batch_size}")
     return key
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
+  return per_example_keys(key, jnp.arange(batch_size))
 
 
 def step_noise(keys: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -114,14 +116,14 @@ _STEPS = {"ddpm": vp_steps.ddpm_step, "ddim": vp_steps.ddim_step,
           "heun": sigma_steps.heun_step}
 
 
-def needs_noise(config: SamplerConfig, final: bool) -> bool:
+def needs_noise(config: StepOptions, final: bool) -> bool:
   """Whether a step draws noise (decided at trace time)."""
   if config.method in ("ddpm", "euler_ancestral"):
     return not final  # Both add no noise on the last step (σ' = 0 for Euler ancestral).
   return config.method == "ddim" and config.eta > 0
 
 
-def sampler_step(model_fn: ModelFn, config: SamplerConfig, state: SamplerState, params: StepParams,
+def sampler_step(model_fn: ModelFn, config: StepOptions, state: SamplerState, params: StepParams,
                  noise: jax.Array | None, *, final: bool) -> SamplerState:
   """One step of `config.method` from grid entry k to k+1.
 
@@ -261,7 +263,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, key: jax.Array
       set_alpha_to_one=set_alpha_to_one, karras=karras_sigmas,
       final_sigmas_type=final_sigmas_type, solver_order=solver_order)
   params = step_params(tables)
-  config = SamplerConfig(method=method, prediction=prediction, eta=float(eta), variance=variance,
+  config = StepOptions(method=method, prediction=prediction, eta=float(eta), variance=variance,
                          clip_denoised=clip_denoised,
                          use_clipped_model_output=use_clipped_model_output)
   keys = example_keys(key, x_T.shape[0])
