@@ -2,6 +2,9 @@
 
 XLA_FLAGS must be set before JAX initialises its backends, so this runs at import time.
 Single-device checks build their mesh from `jax.devices()[:1]`.
+
+Fixtures shared by several test files live here, session-scoped so that they are built once;
+their helpers are imported inside the fixtures so that this setup stays the first import.
 """
 import os
 
@@ -11,5 +14,20 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def toy_reference():
+  """Three single steps of the toy denoiser on one device (test_step.py, test_sharding.py)."""
+  import toy_training  # pylint: disable=g-import-not-at-top
+  return toy_training.reference_steps()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> str:
+  """A data_dir holding the prepared `jaxdiff_test_digits` TFDS dataset (tests/tfds_digits.py)."""
+  import tfds_digits  # pylint: disable=g-import-not-at-top
+  return tfds_digits.prepare(str(tmp_path_factory.mktemp("tfds")))

@@ -6,6 +6,7 @@ Reads each run's metrics.jsonl, last checkpoint (parameter count, FLOPs per imag
 preview grid (EMA weights, DDIM 50 steps, guidance 2). Writes results_<dataset>.json,
 loss_<dataset>.png and samples_<dataset>.png into --out_dir. FID/KID come from the sample and
 evaluate CLIs (see README.md) and are added with --fid_json when they were computed.
+The plots need matplotlib, from the `experiments` extra: pip install -e '.[experiments]'.
 """
 
 import glob
@@ -14,12 +15,8 @@ import os
 import sys
 
 from absl import app, flags
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-from PIL import Image  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np
+from PIL import Image
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
@@ -81,7 +78,23 @@ def summarise(backbone: str, run: dict) -> tuple[dict, tuple]:
   return row, (steps, losses, seconds)
 
 
+def _pyplot():
+  """matplotlib.pyplot with the file-only Agg backend, imported on first use.
+
+  matplotlib is not a dependency of jaxdiff itself, only of its `experiments` extra.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise SystemExit("analyze.py plots with matplotlib, which is not installed: "
+                     "pip install -e '.[experiments]'") from error
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
 def plot_losses(curves: dict, path: str) -> None:
+  plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=80)
   for backbone, (steps, losses, seconds) in curves.items():
     axes[0].plot(steps, losses, label=backbone)

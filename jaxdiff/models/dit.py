@@ -19,6 +19,7 @@ run in float32; attention and MLP matmuls run in `dtype`.
 import functools
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -159,22 +160,21 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None) -> jnp.ndarray:
     """x: [B, T, D]; context: [B, S, D] or None -> [B, T, D] in dtype."""
-    batch, length, width = x.shape[0], x.shape[1], self.hidden_size
-    heads, head_dim = self.num_heads, self.hidden_size // self.num_heads
+    width, heads = self.hidden_size, self.num_heads
     dense = functools.partial(
         nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_xavier,
         bias_init=_zeros)
     if context is None:
       # Layout (q|k|v, head, channel) as in timm/DiT, so fused checkpoints map directly.
-      qkv = dense(3 * width, name="qkv")(x).reshape(batch, length, 3, heads, head_dim)
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      qkv = dense(3 * width, name="qkv")(x)
+      q, k, v = einops.rearrange(qkv, "b t (qkv heads d) -> qkv b t heads d", qkv=3, heads=heads)
     else:
-      q = dense(width, name="query")(x).reshape(batch, length, heads, head_dim)
+      q = dense(width, name="query")(x)
+      q = einops.rearrange(q, "b t (heads d) -> b t heads d", heads=heads)
       kv = dense(2 * width, name="key_value")(context)
-      kv = kv.reshape(batch, context.shape[1], 2, heads, head_dim)
-      k, v = kv[:, :, 0], kv[:, :, 1]
+      k, v = einops.rearrange(kv, "b s (kv heads d) -> kv b s heads d", kv=2, heads=heads)
     out = jax.nn.dot_product_attention(q, k, v)
-    return dense(width, name="out")(out.reshape(batch, length, width))
+    return dense(width, name="out")(einops.rearrange(out, "b t heads d -> b t (heads d)"))
 
 
 class Mlp(nn.Module):
@@ -324,7 +324,7 @@ class DiT(nn.Module):
         param_dtype=self.param_dtype, kernel_init=_patch_init, bias_init=_zeros,
         name="patch_embed")(x)
     positions = sincos_2d_positions(self.hidden_size, grid_h, grid_w, self.pos_embed_base_size)
-    tokens = tokens.reshape(batch, grid_h * grid_w, self.hidden_size).astype(jnp.float32)
+    tokens = einops.rearrange(tokens, "b h w d -> b (h w) d").astype(jnp.float32)
     tokens = tokens + positions
 
     embeddings = self._embed_conditions(t, y, batch, train)
@@ -343,8 +343,9 @@ class DiT(nn.Module):
     out = FinalLayer(
         self.hidden_size, p * p * out_channels, self.conditioning, self.param_dtype,
         name="final_layer")(tokens, cond if adaptive else None)
-    out = out.reshape(batch, grid_h, grid_w, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(batch, height, width, out_channels).astype(jnp.float32)
+    # Unpatchify: token (i, j) holds its p x p patch row-major, channels last (as DiT).
+    out = einops.rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=grid_h, p=p, q=p)
+    return out.astype(jnp.float32)
 
   def _embed_conditions(self, t, y, batch: int, train: bool) -> list[jnp.ndarray]:
     """[t_emb] or [t_emb, y_emb], each [B, D] float32."""

@@ -21,6 +21,7 @@ attention layer starts as the identity and the network's output starts at exactl
 
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,22 +99,23 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """x: [B, H, W, C] -> [B, H, W, C]."""
-    batch, height, width, channels = x.shape
+    height, channels = x.shape[1], x.shape[3]
     heads = channels // self.head_dim if self.head_dim else 1
     h = x
     if self.use_norm:
       h = _group_norm(self.norm_groups, self.norm_eps, self.dtype, self.param_dtype, "norm")(h)
-    h = h.reshape(batch, height * width, channels)
+    h = einops.rearrange(h, "b h w c -> b (h w) c")
 
     def dense(name, zero=False):
       return nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=_kernel_init(zero), name=name)
 
-    q, k, v = (dense(n)(h).reshape(batch, height * width, heads, channels // heads)
-               for n in ("query", "key", "value"))
+    q, k, v = (einops.rearrange(dense(name)(h), "b l (heads d) -> b l heads d", heads=heads)
+               for name in ("query", "key", "value"))
     # Logits and softmax run in float32 even for bfloat16 inputs (jax.nn's XLA path).
-    a = jax.nn.dot_product_attention(q, k, v).reshape(batch, height * width, channels)
-    return x + dense("out", zero=self.zero_init)(a).reshape(x.shape)
+    a = einops.rearrange(jax.nn.dot_product_attention(q, k, v), "b l heads d -> b l (heads d)")
+    out = dense("out", zero=self.zero_init)(a)
+    return x + einops.rearrange(out, "b (h w) c -> b h w c", h=height)
 
 
 class UNet(nn.Module):

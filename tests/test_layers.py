@@ -1,0 +1,72 @@
+"""Tests of jaxdiff.models.layers: the sinusoidal timestep embedding against diffusers'
+`get_timestep_embedding` (torch, float32) and against its closed form in float64 NumPy."""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+
+from jaxdiff.models.layers import timestep_embedding
+
+# Integer and fractional timesteps, including 998.4, which a bfloat16 cast would turn into 1000.
+TIMESTEPS = np.array([0.0, 1.0, 0.5, 17.25, 499.0, 998.4, 999.0], np.float32)
+
+
+def closed_form(t, dim, max_period=10000.0, flip_sin_to_cos=True, freq_shift=0.0, scale=1.0):
+  """[B, dim] float64: [sin, cos] (or [cos, sin]) of t * scale * max_period^(-i / (half - shift))."""
+  half = dim // 2
+  freqs = np.exp(-math.log(max_period) * np.arange(half) / (half - freq_shift))
+  args = np.asarray(t, np.float64)[:, None] * freqs[None, :] * scale
+  parts = [np.cos(args), np.sin(args)] if flip_sin_to_cos else [np.sin(args), np.cos(args)]
+  return np.pad(np.concatenate(parts, axis=-1), ((0, 0), (0, dim % 2)))
+
+
+VARIANTS = [  # (dim, flip_sin_to_cos, freq_shift, scale, max_period)
+    (64, True, 0.0, 1.0, 10000.0),  # original DiT, diffusers' UNet2DModel
+    (64, True, 1.0, 1.0, 10000.0),  # diffusers' DiT
+    (64, False, 1.0, 1.0, 10000.0),  # diffusers' default arguments
+    (64, False, 0.0, 1.0, 10000.0),
+    (33, True, 1.0, 1.0, 10000.0),  # odd width: a zero column
+    (32, True, 0.0, 1000.0, 10000.0),  # scale, as for timesteps in [0, 1]
+    (16, False, 0.5, 2.0, 100.0),
+]
+
+
+@pytest.mark.parametrize("dim,flip,shift,scale,max_period", VARIANTS)
+def test_matches_diffusers_get_timestep_embedding(dim, flip, shift, scale, max_period):
+  t = TIMESTEPS / 1000 if scale == 1000.0 else TIMESTEPS
+  expected = get_timestep_embedding(
+      torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, scale=scale,
+      max_period=max_period).numpy()
+  got = timestep_embedding(jnp.asarray(t), dim, max_period=max_period, flip_sin_to_cos=flip,
+                           freq_shift=shift, scale=scale)
+  assert got.dtype == jnp.float32 and got.shape == (len(t), dim)
+  # Same float32 formula; sin/cos of arguments up to ~1000 differ by a few float32 ulps of the
+  # argument between XLA and torch (max seen 6e-5).
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim,flip,shift,scale,max_period", VARIANTS)
+def test_matches_the_float64_closed_form(dim, flip, shift, scale, max_period):
+  t = TIMESTEPS / 1000 if scale == 1000.0 else TIMESTEPS
+  got = timestep_embedding(jnp.asarray(t), dim, max_period=max_period, flip_sin_to_cos=flip,
+                           freq_shift=shift, scale=scale)
+  expected = closed_form(t, dim, max_period, flip, shift, scale)
+  # float32 arguments up to ~1000 carry an absolute error of a few 1000 * 2^-24 (max seen 5e-5).
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-4)
+  if dim % 2:
+    assert np.all(np.asarray(got)[:, -1] == 0)
+
+
+def test_integer_and_fractional_timesteps_give_float32_without_rounding():
+  ints = timestep_embedding(jnp.array([0, 3, 999], jnp.int32), 8)
+  assert ints.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(ints), closed_form([0, 3, 999], 8), rtol=0, atol=1e-4)
+  fractional = np.asarray(timestep_embedding(jnp.array([998.4], jnp.float32), 128))
+  np.testing.assert_allclose(fractional, closed_form([998.4], 128), rtol=0, atol=1e-4)
+  # A bfloat16 timestep would be 1000: the lowest frequencies tell the two apart.
+  assert np.abs(fractional - closed_form([1000.0], 128)).max() > 0.1
+  np.testing.assert_array_equal(np.asarray(timestep_embedding(jnp.array([0.0]), 6)),
+                                [[1, 1, 1, 0, 0, 0]])  # cos(0) first, then sin(0)
