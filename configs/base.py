@@ -98,12 +98,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.fsdp_min_size = 2**14  # Params with fewer elements stay replicated.
 
   config.sample = ml_collections.ConfigDict()
-  config.sample.method = "ddim"  # Sampler for grids during training: ddpm | ddim | dpmpp_2m | heun.
+  config.sample.method = "ddim"  # Sampler for grids during training: ddpm | ddim | dpmpp_2m | unipc | euler | euler_ancestral | heun.
   config.sample.num_steps = 50  # Sampler steps.
   config.sample.eta = 0.0  # DDIM eta (0 = deterministic).
-  config.sample.spacing = "leading"  # Timestep grid: leading | linspace | trailing.
+  config.sample.spacing = ml_collections.FieldReference(None, field_type=str)  # Grid: leading | linspace | trailing; None = the method's diffusers default.
   config.sample.num_images = 64  # Images per grid (labels cycle 0..num_classes-1 if conditional).
   config.sample.guidance_scale = 1.0  # Classifier-free guidance uncond + s * (cond - uncond); 1 = off.
+  config.sample.guidance_interval = ()  # (t_low, t_high): guide only at those timesteps; () = everywhere.
+  config.sample.guidance_rescale = 0.0  # CFG rescale phi (Lin et al. 2024); 0 = off.
+  config.sample.karras_sigmas = False  # Karras sigmas (dpmpp_2m, unipc, euler, heun).
+  config.sample.solver_order = 2  # UniPC order (1-3).
   config.sample.ema_decay = 0.0  # Which EMA params to sample from; 0 = the first of train.ema_decays.
   config.sample.clip_denoised = True  # Clip predicted x0 to [-1, 1] in each step.
 

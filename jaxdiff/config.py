@@ -168,7 +168,8 @@ def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
       checkpoint=_section(config_dict, CheckpointConfig, "checkpoint"),
       mesh=_section(config_dict, MeshConfig, "mesh"),
       sample=_section(config_dict, SampleConfig, "sample", ema_decay=sample_decay,
-                      sampler=_section(config_dict, SamplerSettings, "sample")),
+                      sampler=_section(config_dict, SamplerSettings, "sample",
+                                       guidance_interval=tuple(config_dict.sample.guidance_interval))),
       eval=_section(config_dict, EvalConfig, "eval"))
   _check_model(config.model)
   _check_diffusion(config.diffusion)
@@ -245,8 +246,13 @@ def _check_train(config: Config) -> None:
 def _check_sample(config: Config) -> None:
   sample, sampler = config.sample, config.sample.sampler
   _check(sampler.method in METHODS, "sample.method", sampler.method, f"choose one of {METHODS}")
-  _check(sampler.spacing in SPACINGS, "sample.spacing", sampler.spacing,
-         f"choose one of {SPACINGS}")
+  _check(sampler.spacing is None or sampler.spacing in SPACINGS, "sample.spacing",
+         sampler.spacing, f"choose None (the method's default) or one of {SPACINGS}")
+  _check(sampler.solver_order in (1, 2, 3), "sample.solver_order", sampler.solver_order,
+         "UniPC supports orders 1, 2 and 3")
+  interval = sampler.guidance_interval
+  _check(not interval or (len(interval) == 2 and interval[0] <= interval[1]),
+         "sample.guidance_interval", interval, "use () or (t_low, t_high) with t_low <= t_high")
   _check(1 <= sampler.num_steps <= config.diffusion.num_timesteps, "sample.num_steps",
          sampler.num_steps, f"use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}")
   _check(sample.num_images >= 1, "sample.num_images", sample.num_images, "use 1 or more")

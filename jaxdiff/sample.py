@@ -26,6 +26,7 @@ import jax
 
 from jaxdiff import cli, convert, diffusion, images, sampling
 from jaxdiff.diffusion import SamplerSettings
+from jaxdiff.convert import scheduler as scheduler_lib
 from jaxdiff.train import checkpoint
 from jaxdiff.train import sharding as sharding_lib
 
@@ -49,9 +50,13 @@ class SampleOptions:
   diffusers: str | None = _option(
       None, "A diffusers model folder (UNet2DModel / DiTTransformer2DModel) instead.")
   step: int | None = _option(None, "Checkpoint step; default: the latest.")
-  schedule: str = _option("linear", "--diffusers only: beta schedule.")
-  num_timesteps: int = _option(1000, "--diffusers only: T.")
-  prediction: str = _option("eps", f"--diffusers only: {' | '.join(PREDICTIONS)}.")
+  schedule: str | None = _option(
+      None, "--diffusers without a scheduler config only: beta schedule (default linear).")
+  num_timesteps: int | None = _option(
+      None, "--diffusers without a scheduler config only: T (default 1000).")
+  prediction: str | None = _option(
+      None, f"--diffusers without a scheduler config only: {' | '.join(PREDICTIONS)} "
+      "(default eps).")
   image_size: int | None = _option(
       None, "--diffusers only: image size; default: config.json sample_size.")
   channels: int | None = _option(
@@ -81,9 +86,10 @@ def check_options(options: SampleOptions) -> None:
     raise SampleInputError(f"{source} is not a directory")
   settings = options.sampler
   choices = [("method", settings.method, METHODS), ("spacing", settings.spacing, SPACINGS),
-             ("prediction", options.prediction, PREDICTIONS)]
+             ("prediction", options.prediction, PREDICTIONS),
+             ("schedule", options.schedule, diffusion.SCHEDULE_NAMES)]
   for name, value, allowed in choices:
-    if value not in allowed:
+    if value is not None and value not in allowed:
       raise SampleInputError(f"--{name}={value!r} is unknown; choose one of {', '.join(allowed)}")
   positive = [("num_samples", options.num_samples), ("batch_size", options.batch_size),
               ("num_steps", settings.num_steps), ("animate_frames", options.animate_frames)]
@@ -96,32 +102,93 @@ def check_options(options: SampleOptions) -> None:
     raise SampleInputError(f"--eta={settings.eta} must be >= 0")
   if settings.guidance_scale is not None and settings.guidance_scale < 0:
     raise SampleInputError(f"--guidance_scale={settings.guidance_scale} must be >= 0")
-  if options.schedule not in diffusion.SCHEDULE_NAMES:
-    raise SampleInputError(f"--schedule={options.schedule!r} is unknown; choose one of "
-                           f"{', '.join(diffusion.SCHEDULE_NAMES)}")
+  if settings.guidance_interval and (len(settings.guidance_interval) != 2
+                                     or settings.guidance_interval[0] > settings.guidance_interval[1]):
+    raise SampleInputError(f"--guidance_interval={settings.guidance_interval} must be two "
+                           "timesteps t_low,t_high with t_low <= t_high")
+  if options.workdir is not None and (options.schedule or options.num_timesteps
+                                      or options.prediction):
+    raise SampleInputError("--schedule, --num_timesteps and --prediction are for --diffusers "
+                           "folders; a training run samples with its own")
 
 
-def load_model(options: SampleOptions) -> tuple[sampling.DiffusionModel, dict[str, Any]]:
+def load_model(options: SampleOptions
+               ) -> tuple[sampling.DiffusionModel, dict[str, Any], SampleOptions]:
   """Loads the model of a training run or a diffusers folder.
 
   Returns:
-    (model, provenance): provenance holds `checkpoint_step` (-1 for a diffusers folder),
-    `ema_decay` (0.0 when sampling the raw parameters) and `clip_denoised`, the default for
-    --clip_denoised (the run's config.sample.clip_denoised; False for a diffusers folder).
+    (model, provenance, options): provenance holds `checkpoint_step` (-1 for a diffusers folder)
+    and `ema_decay` (0.0 when sampling the raw parameters); the options come back with the
+    sampler settings the user left unset resolved from the model's source (the run's
+    config.sample.clip_denoised; a diffusers scheduler config's method, spacing and clip_sample).
   """
   if options.diffusers is not None:
-    provenance = {"checkpoint_step": -1, "ema_decay": 0.0, "clip_denoised": False}
-    return load_diffusers_model(options), provenance
-  return load_checkpoint_model(options)
+    model, defaults = load_diffusers_model(options)
+    provenance = {"checkpoint_step": -1, "ema_decay": 0.0}
+  else:
+    model, provenance, defaults = load_checkpoint_model(options)
+  unset = {name: value for name, value in defaults.items()
+           if getattr(options.sampler, name) is None}
+  return model, provenance, dataclasses.replace(
+      options, sampler=dataclasses.replace(options.sampler, **unset))
 
 
-def load_diffusers_model(options: SampleOptions) -> sampling.DiffusionModel:
-  """A diffusers folder through `jaxdiff.convert.load_diffusers`, with the schedule of the flags.
+def find_scheduler_config(folder: str) -> str | None:
+  """The scheduler config of a diffusers model folder: its own, or its pipeline's."""
+  for candidate in (os.path.join(folder, "scheduler", "scheduler_config.json"),
+                    os.path.join(folder, "scheduler_config.json"),
+                    os.path.join(os.path.dirname(os.path.abspath(folder)), "scheduler",
+                                 "scheduler_config.json")):
+    if os.path.isfile(candidate):
+      return candidate
+  return None
+
+
+def diffusers_scheduler(options: SampleOptions) -> tuple[diffusion.Schedule, str, dict, dict]:
+  """(schedule, prediction, scheduler kwargs, setting defaults) of a diffusers folder.
+
+  With a scheduler config (`convert.scheduler.scheduler_spec`) the schedule, the prediction type
+  and the scheduler's own options (steps_offset, set_alpha_to_one, ...) come from it, and it
+  supplies the method, spacing and clip_sample the user left unset; its options apply when the
+  method is the scheduler's. Without one, --schedule, --num_timesteps and --prediction (default
+  linear, 1000, eps).
+  """
+  path = find_scheduler_config(options.diffusers)
+  if path is None:
+    schedule = diffusion.make_schedule(options.schedule or "linear", options.num_timesteps or 1000)
+    return schedule, options.prediction or "eps", {}, {"method": "ddim", "clip_denoised": False}
+  try:
+    spec = scheduler_lib.scheduler_spec(path)
+  except ValueError as error:
+    raise SampleInputError(f"{path}: {error}") from None
+  if spec.kind != "diffusion":
+    raise SampleInputError(f"{path}: {spec.class_name} (flow matching) is not sampled by the "
+                           "sample CLI yet; use jaxdiff.diffusion.flow.sample_flow")
+  for name, given, value in (("schedule", options.schedule, None),
+                             ("num_timesteps", options.num_timesteps, spec.schedule.num_timesteps),
+                             ("prediction", options.prediction, spec.prediction)):
+    if given is not None and given != value:
+      raise SampleInputError(f"--{name}={given} contradicts the scheduler config {path}; leave "
+                             "it unset (the config defines it)")
+  kwargs = {k: v for k, v in spec.sample_kwargs.items()
+            if k not in ("method", "prediction", "spacing", "clip_denoised")}
+  method = options.sampler.method or spec.method
+  if method != spec.method:  # another sampler: only the schedule's own offset carries over
+    kwargs = {"steps_offset": kwargs.get("steps_offset", 0)}
+  defaults = {"method": spec.method,
+              "clip_denoised": bool(spec.sample_kwargs.get("clip_denoised", False))}
+  if method == spec.method:
+    defaults["spacing"] = spec.sample_kwargs["spacing"]
+  return spec.schedule, spec.prediction, kwargs, defaults
+
+
+def load_diffusers_model(options: SampleOptions) -> tuple[sampling.DiffusionModel, dict]:
+  """A diffusers folder through `jaxdiff.convert.load_diffusers` and its scheduler config.
 
   The image size and channels come from config.json (sample_size, in_channels) unless given.
   """
+  schedule, prediction, scheduler_kwargs, defaults = diffusers_scheduler(options)
   try:
-    schedule = diffusion.make_schedule(options.schedule, options.num_timesteps)
     module, params = convert.load_diffusers(options.diffusers)
   except (ValueError, KeyError) as error:
     raise SampleInputError(f"cannot load {options.diffusers}: {error}") from None
@@ -133,12 +200,15 @@ def load_diffusers_model(options: SampleOptions) -> sampling.DiffusionModel:
     raise SampleInputError(f"{options.diffusers}/config.json has no sample_size/in_channels; "
                            "pass --image_size and --channels")
   height, width = (size, size) if isinstance(size, int) else size
-  return sampling.DiffusionModel.from_module(
-      module, params, schedule, options.prediction, (height, width, channels))
+  model = sampling.DiffusionModel.from_module(
+      module, params, schedule, prediction, (height, width, channels), scheduler_kwargs)
+  return model, defaults
 
 
-def load_checkpoint_model(options: SampleOptions) -> tuple[sampling.DiffusionModel, dict]:
-  """The raw or EMA parameters of a checkpoint of a training run (see `load_model`)."""
+def load_checkpoint_model(options: SampleOptions
+                          ) -> tuple[sampling.DiffusionModel, dict, dict]:
+  """The raw or EMA parameters of a checkpoint of a training run: (model, provenance, setting
+  defaults), see `load_model`."""
   step = options.step
   try:
     with _quiet_orbax():
@@ -160,8 +230,8 @@ def load_checkpoint_model(options: SampleOptions) -> tuple[sampling.DiffusionMod
       diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
       config.diffusion.prediction,
       (config.data.image_size, config.data.image_size, config.data.channels))
-  return model, {"checkpoint_step": step, "ema_decay": ema_decay,
-                 "clip_denoised": config.sample.sampler.clip_denoised}
+  return model, {"checkpoint_step": step, "ema_decay": ema_decay}, {
+      "method": "ddim", "clip_denoised": config.sample.sampler.clip_denoised}
 
 
 @contextlib.contextmanager
@@ -237,11 +307,8 @@ def run(options: SampleOptions) -> dict[str, str]:
     {"npz" | "png" | "gif": path} of the files written.
   """
   check_options(options)
-  model, provenance = load_model(options)
+  model, provenance, options = load_model(options)
   check_against_model(options, model)
-  if options.sampler.clip_denoised is None:
-    options = dataclasses.replace(options, sampler=dataclasses.replace(
-        options.sampler, clip_denoised=provenance["clip_denoised"]))
   labels = sampling.example_labels(options.num_samples, options.labels, model.num_classes)
   mesh = sharding_lib.make_mesh()
   if jax.process_index() == 0:
@@ -283,7 +350,7 @@ def _metadata(options: SampleOptions, provenance: dict[str, Any]) -> dict[str, A
   settings = options.sampler
   return {
       "method": settings.method, "num_steps": settings.num_steps, "eta": settings.eta,
-      "spacing": settings.spacing,
+      "spacing": settings.spacing or diffusion.DEFAULT_SPACINGS[settings.method],
       "guidance_scale": settings.guidance_scale if settings.guided else 1.0,
       "clip_denoised": settings.clip_denoised, "seed": options.seed,
       "checkpoint_step": provenance["checkpoint_step"],

@@ -4,6 +4,7 @@ References: diffusers' own UNet2DModel with its DDIMScheduler (PyTorch) for the 
 path, and the grid of the written npz for the PNG and GIF.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from PIL import Image
 
 from jaxdiff import diffusion, sample, sampling
@@ -70,6 +71,46 @@ def test_diffusers_folder_matches_diffusers_ddim(tmp_path):
   with Image.open(paths["png"]) as grid:
     assert grid.size == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)  # ceil(sqrt(5)) = 3 columns, 2 rows.
   assert "gif" not in paths
+
+
+def test_pipeline_scheduler_config_is_honoured(tmp_path):
+  """A pipeline folder's scheduler config (DPM-Solver++, scaled_linear betas, v-prediction,
+  steps_offset, its default linspace grid) drives the sampler: the CLI's run() on pipe/unet with
+  no sampler flags equals diffusers' DPMSolverMultistepScheduler loop from the same x_T."""
+  folder = str(tmp_path / "pipe" / "unet")
+  torch_model = _save_diffusers_unet(folder)
+  scheduler = DPMSolverMultistepScheduler(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+      prediction_type="v_prediction", steps_offset=1)
+  scheduler.save_config(str(tmp_path / "pipe" / "scheduler"))
+  options = sample.SampleOptions(
+      diffusers=folder, sampler=sampling.SamplerSettings(num_steps=4), labels=(1,),
+      num_samples=3, batch_size=4, seed=5, out=str(tmp_path / "out"))
+  paths = sample.run(options)
+
+  scheduler.set_timesteps(4)
+  keys = [jax.random.split(jax.random.fold_in(jax.random.key(5), i))[0] for i in range(3)]
+  x = torch.from_numpy(np.stack([np.asarray(jax.random.normal(k, (8, 8, 1))) for k in keys]))
+  x = x.permute(0, 3, 1, 2) * scheduler.init_noise_sigma
+  labels = torch.tensor([1, 1, 1])
+  with torch.no_grad():
+    for t in scheduler.timesteps:
+      v = torch_model(x, t, class_labels=labels).sample
+      x = scheduler.step(v, t, x).prev_sample
+  want = np.round(np.clip((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5, 0, 255))
+  with np.load(paths["npz"], allow_pickle=False) as data:
+    got = data["arr_0"]
+    assert str(data["method"]) == "dpmpp_2m" and str(data["spacing"]) == "linspace"
+  assert got.std() > 10
+  assert np.abs(got.astype(np.int32) - want).max() <= 1
+  assert np.mean(got == want) > 0.95
+
+  contradicting = dataclasses.replace(options, prediction="eps")
+  with pytest.raises(sample.SampleInputError, match="--prediction=eps contradicts"):
+    sample.run(contradicting)
+  DPMSolverMultistepScheduler(thresholding=True).save_config(str(tmp_path / "pipe" / "scheduler"))
+  with pytest.raises(sample.SampleInputError, match="thresholding"):
+    sample.run(options)
 
 
 def test_bad_inputs_are_rejected_before_loading(tmp_path):
