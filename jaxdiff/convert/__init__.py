@@ -4,6 +4,7 @@
 diffusers model folder and dispatches on `_class_name`.
 """
 
+from jaxdiff.convert import autoencoder as _autoencoder
 from jaxdiff.convert import dit as _dit
 from jaxdiff.convert import unet as _unet
 from jaxdiff.convert.common import read_diffusers_folder
@@ -11,14 +12,17 @@ from jaxdiff.convert.common import read_diffusers_folder
 _CONVERTERS = {
     "UNet2DModel": _unet.convert,
     "DiTTransformer2DModel": _dit.convert,
+    "AutoencoderKL": _autoencoder.convert,
 }
 
 
 def load_diffusers(path: str, **module_overrides):
-  """Loads a diffusers `UNet2DModel` or `DiTTransformer2DModel` folder as (module, params).
+  """Loads a diffusers `UNet2DModel`, `DiTTransformer2DModel` or `AutoencoderKL` folder as
+  (module, params).
 
-  `module.apply({"params": params}, x_nhwc, t, y)` equals the diffusers model's output on the
-  NCHW-transposed input, transposed back to NHWC. `module_overrides` (e.g. dtype=jnp.bfloat16)
+  For the backbones `module.apply({"params": params}, x_nhwc, t, y)` equals the diffusers
+  model's output on the NCHW-transposed input, transposed back to NHWC; for the autoencoder
+  `method=module.encode` gives the posterior (mean, logvar) and `method=module.decode` the image. `module_overrides` (e.g. dtype=jnp.bfloat16)
   are passed to the jaxdiff module.
   """
   config, state = read_diffusers_folder(path)

@@ -1,11 +1,14 @@
-"""Backbones (U-Net, DiT) and the size table that names them.
+"""Backbones (U-Net, DiT), the latent autoencoder, and the size tables that name them.
 
 `build_model("dit-s/2", num_classes=10)` returns a Flax module; every model is called as
 `model.apply({"params": p}, x, t, y, train=False)` with x [B, H, W, C], t [B], y [B] int or None.
+`build_autoencoder("kl-f8")` returns the KL autoencoder of latent diffusion (`encode` / `decode`).
 """
 
 import dataclasses
 
+from jaxdiff.models.autoencoder import AUTOENCODER_SIZES, AutoencoderKL, build_autoencoder
+from jaxdiff.models.autoencoder import decode_in_chunks
 from jaxdiff.models.dit import DiT, DIT_SIZES
 from jaxdiff.models.unet import UNet, UNET_SIZES
 
@@ -30,4 +33,5 @@ def build_model(name: str, **overrides):
   return module_class(**{**fields, **overrides})
 
 
-__all__ = ["DiT", "UNet", "MODEL_SIZES", "build_model"]
+__all__ = ["AUTOENCODER_SIZES", "AutoencoderKL", "DiT", "UNet", "MODEL_SIZES", "build_autoencoder",
+           "build_model", "decode_in_chunks"]
