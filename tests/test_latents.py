@@ -152,3 +152,15 @@ def test_bad_latents_settings_name_the_field(tmp_path, folder):
     data.dataset_info(_cfg(str(unflipped)))
   with pytest.raises(ValueError, match="iterate_dataset"):
     next(data.iterate_dataset(_cfg(folder), batch_size=2))
+
+
+@pytest.mark.slow
+def test_worker_processes_do_not_change_latent_batches(folder):
+  cfg = _cfg(folder, random_flip=True)
+  with_workers = _stream(dataclasses.replace(cfg, num_workers=2), seed=1)
+  try:
+    batches = _take(with_workers, 4)
+  finally:
+    with_workers.close()
+  for got, want in zip(batches, _take(_stream(cfg, seed=1), 4)):
+    np.testing.assert_array_equal(got["latent"], want["latent"])
