@@ -107,3 +107,8 @@ def test_encode_dataset_takes_any_module_and_params(tmp_path, image_folder):
   assert data.dataset_info(latent_cfg) == data.DatasetInfo(8, 4, 2, 7)
   with pytest.raises(ValueError, match="already encoded"):
     encode.encode_dataset(latent_cfg, module, params, str(tmp_path / "again"))
+  for bad, message in ((dict(channels=1), "--channels=3"), (dict(image_size=15), "divisible")):
+    with pytest.raises(ValueError, match=message):
+      encode.encode_dataset(data.DataConfig(source="folder", folder=image_folder, **{
+          "image_size": 16, **bad}), module, params, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()  # nothing written

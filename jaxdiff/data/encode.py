@@ -76,6 +76,20 @@ def _make_encoder(module, params, batch_size: int):
   return run
 
 
+def _check_fits(data_info, module, params) -> None:
+  """One clear line, before anything is written, when the images cannot be encoded."""
+  if data_info.num_examples == 0:
+    raise ValueError("the dataset of this DataConfig has no examples")
+  in_channels = params["encoder"]["conv_in"]["kernel"].shape[2]
+  if data_info.channels != in_channels:
+    raise ValueError(f"DataConfig.channels gives {data_info.channels}-channel images but the "
+                     f"autoencoder takes {in_channels}; set --channels={in_channels}")
+  factor = module.downsample_factor
+  if data_info.image_size % factor:
+    raise ValueError(f"DataConfig.image_size={data_info.image_size} is not divisible by the "
+                     f"autoencoder's downsampling factor {factor}")
+
+
 def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_size: int = 64,
                    records_per_shard: int = 10_000, autoencoder: str = "") -> dict:
   """Encodes every example of `cfg` in dataset order and writes a latents folder.
@@ -102,8 +116,9 @@ def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_si
   if os.path.exists(info_path):
     raise ValueError(f"--output_dir={output_dir!r} already holds {latents.INFO_FILE}; choose a "
                      "new folder")
-  os.makedirs(output_dir, exist_ok=True)
   data_info = dataset_info(cfg)
+  _check_fits(data_info, module, params)
+  os.makedirs(output_dir, exist_ok=True)
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   encode = _make_encoder(module, params, batch_size)
   variants = 2 if cfg.random_flip else 1
