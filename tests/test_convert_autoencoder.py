@@ -132,3 +132,26 @@ def test_missing_or_unknown_weights_and_architecture_overrides_are_errors():
     convert_autoencoder.convert(config, {**state, "encoder.extra.weight": np.zeros(3)})
   with pytest.raises(ValueError, match="latent_channels"):
     convert_autoencoder.convert(config, state, latent_channels=8)
+
+
+def test_deprecated_attention_names_and_conv_kernels_convert_identically():
+  """Older checkpoints name the mid attention query/key/value/proj_attn (as 1x1 convs in LDM)."""
+  config = CONFIGS["one_level"]
+  with torch.device("meta"):
+    model = TorchAutoencoderKL(**config)
+  rng = np.random.default_rng(0)
+  state = {k: rng.standard_normal(tuple(v.shape)).astype(np.float32)
+           for k, v in model.state_dict().items()}
+  renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+  old = {}
+  for key, value in state.items():
+    for new_name, old_name in renames.items():
+      if f".attentions.0.{new_name}.weight" in key:
+        key, value = key.replace(new_name, old_name), value[:, :, None, None]
+      elif f".attentions.0.{new_name}.bias" in key:
+        key = key.replace(new_name, old_name)
+    old[key] = value
+  assert any(k.endswith("proj_attn.weight") for k in old)
+  _, params = convert_autoencoder.convert(config, state)
+  _, old_params = convert_autoencoder.convert(config, old)
+  jax.tree.map(np.testing.assert_array_equal, old_params, params)

@@ -22,8 +22,8 @@ def load_diffusers(path: str, **module_overrides):
 
   For the backbones `module.apply({"params": params}, x_nhwc, t, y)` equals the diffusers
   model's output on the NCHW-transposed input, transposed back to NHWC; for the autoencoder
-  `method=module.encode` gives the posterior (mean, logvar) and `method=module.decode` the image. `module_overrides` (e.g. dtype=jnp.bfloat16)
-  are passed to the jaxdiff module.
+  `method=module.encode` gives the posterior (mean, logvar) and `method=module.decode` the image.
+  `module_overrides` (e.g. dtype=jnp.bfloat16) are passed to the jaxdiff module.
   """
   config, state = read_diffusers_folder(path)
   class_name = config.get("_class_name")

@@ -113,8 +113,8 @@ def _flax_leaf(path: tuple[str, ...], key: str, value: np.ndarray) -> tuple[str,
     return "bias", value
   if path[-1].startswith("norm"):
     return "scale", value
-  if len(path) > 1 and path[-2] == "mid_attn" and value.ndim == 4:  # LDM's 1x1-conv attention projections
-    value = value[:, :, 0, 0]
+  if len(path) > 1 and path[-2] == "mid_attn" and value.ndim == 4:
+    value = value[:, :, 0, 0]  # LDM's attention projections are 1x1 convs
   return "kernel", common.flax_kernel(value)
 
 

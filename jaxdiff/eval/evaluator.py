@@ -41,7 +41,8 @@ def compute_metrics(sample_features: dict, reference: dict, names=ALL_METRICS,
 
   Returns:
     {"num_samples", and per metric "fid", "fid_label", "sfid", "sfid_label", "kid_mean",
-    "kid_std", "kid_subset_size", "inception_score_mean", "inception_score_std", "precision", "recall"},
+    "kid_std", "kid_subset_size", "inception_score_mean", "inception_score_std", "precision",
+    "recall"},
     plus "skipped": {metric: reason} for metrics the inputs do not allow.
   """
   unknown = set(names) - set(ALL_METRICS)
