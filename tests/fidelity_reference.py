@@ -89,9 +89,19 @@ def _reference_model(path):
 
 
 def reference_features(path, images_uint8):
-  """torch-fidelity's ("2048", "logits_unbiased", "logits") for uint8 NHWC images."""
+  """torch-fidelity's ("2048", "logits_unbiased", "logits") for uint8 NHWC images, and ADM's
+  sFID features: the first 7 channels of Mixed_6d.branch1x1 (TF `mixed_6/conv`), read with a
+  forward hook and flattened in TF's NHWC order."""
   model = _reference_model(path)
   x = torch.from_numpy(np.ascontiguousarray(images_uint8.transpose(0, 3, 1, 2)))
-  with torch.no_grad():
-    pool, unbiased, logits = model(x)
-  return {"pool": pool.numpy(), "logits_unbiased": unbiased.numpy(), "logits": logits.numpy()}
+  captured = {}
+  hook = model.Mixed_6d.branch1x1.register_forward_hook(
+      lambda module, inputs, output: captured.setdefault("branch1x1", output))
+  try:
+    with torch.no_grad():
+      pool, unbiased, logits = model(x)
+  finally:
+    hook.remove()
+  spatial = captured["branch1x1"][:, :7].permute(0, 2, 3, 1).reshape(len(x), -1)
+  return {"pool": pool.numpy(), "logits_unbiased": unbiased.numpy(), "logits": logits.numpy(),
+          "spatial": spatial.numpy()}

@@ -37,7 +37,8 @@ def test_features_match_torch_fidelity(random_weights, size):
   expected = fidelity_reference.reference_features(random_weights, images)
   model, variables = weights.load_inception(random_weights)
   got = jax.jit(lambda v, x: model.apply(v, inception.preprocess(x)))(variables, images)
-  assert set(got) == {"pool", "logits_unbiased", "logits"}
+  assert set(got) == {"pool", "logits_unbiased", "logits", "spatial"}
+  assert got["spatial"].shape == (2, 17 * 17 * inception.SPATIAL_CHANNELS)  # ADM's 2023 dims
   for name, want in expected.items():
     assert np.std(want) > 1.0, name  # The random network must not collapse to constants.
     np.testing.assert_allclose(np.asarray(got[name]), want, rtol=1e-4,

@@ -5,6 +5,7 @@ diffusers model folder and dispatches on `_class_name`. `load_clip_text_encoder(
 a transformers `CLIPTextModel` folder (a Stable Diffusion pipeline's `text_encoder/`).
 """
 
+from jaxdiff.convert import autoencoder as _autoencoder
 from jaxdiff.convert import dit as _dit
 from jaxdiff.convert import unet as _unet
 from jaxdiff.convert import unet_cond as _unet_cond
@@ -15,17 +16,19 @@ _CONVERTERS = {
     "UNet2DModel": _unet.convert,
     "DiTTransformer2DModel": _dit.convert,
     "UNet2DConditionModel": _unet_cond.convert,
+    "AutoencoderKL": _autoencoder.convert,
 }
 
 
 def load_diffusers(path: str, **module_overrides):
-  """Loads a diffusers `UNet2DModel`, `DiTTransformer2DModel` or `UNet2DConditionModel` folder
-  as (module, params).
+  """Loads a diffusers `UNet2DModel`, `DiTTransformer2DModel`, `UNet2DConditionModel` or
+  `AutoencoderKL` folder as (module, params).
 
-  `module.apply({"params": params}, x_nhwc, t, y)` (for UNet2DConditionModel: the text
-  context [B, S, D] in place of y) equals the diffusers model's output on the
-  NCHW-transposed input, transposed back to NHWC. `module_overrides` (e.g. dtype=jnp.bfloat16)
-  are passed to the jaxdiff module.
+  For the backbones `module.apply({"params": params}, x_nhwc, t, y)` (for UNet2DConditionModel:
+  the text context [B, S, D] in place of y) equals the diffusers model's output on the
+  NCHW-transposed input, transposed back to NHWC; for the autoencoder `method=module.encode`
+  gives the posterior (mean, logvar) and `method=module.decode` the image. `module_overrides`
+  (e.g. dtype=jnp.bfloat16) are passed to the jaxdiff module.
   """
   config, state = read_diffusers_folder(path)
   class_name = config.get("_class_name")

@@ -36,7 +36,7 @@ _DIFFUSERS_DEFAULTS = {
     "num_class_embeds": None, "num_train_timesteps": None,
 }
 
-_RESNET_NAMES = {"norm1": "norm_1", "conv1": "conv_1", "time_emb_proj": "time_proj",
+RESNET_NAMES = {"norm1": "norm_1", "conv1": "conv_1", "time_emb_proj": "time_proj",
                  "norm2": "norm_2", "conv2": "conv_2", "conv_shortcut": "skip_proj"}
 # Older checkpoints use query/key/value/proj_attn; diffusers renames them on load, so do we.
 _ATTENTION_NAMES = {"group_norm": "norm", "to_q": "query", "to_k": "key", "to_v": "value",
@@ -152,7 +152,7 @@ def _flax_path(key: str, num_levels: int) -> tuple[str, ...]:
   if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
     return ("mid_attn", _ATTENTION_NAMES.get(m[1], "?"))
   if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)", module):
-    return (f"mid_res_{m[1]}", _RESNET_NAMES.get(m[2], "?"))
+    return (f"mid_res_{m[1]}", RESNET_NAMES.get(m[2], "?"))
   m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
                    r"\.(\d+)\.(.+)", module)
   if not m:
@@ -160,7 +160,7 @@ def _flax_path(key: str, num_levels: int) -> tuple[str, ...]:
   path, index, kind, j, rest = m[1], int(m[2]), m[3], m[4], m[5]
   level = index if path == "down" else num_levels - 1 - index
   if kind == "resnets":
-    return (f"{path}_{level}_res_{j}", _RESNET_NAMES.get(rest, "?"))
+    return (f"{path}_{level}_res_{j}", RESNET_NAMES.get(rest, "?"))
   if kind == "attentions":
     return (f"{path}_{level}_attn_{j}", _ATTENTION_NAMES.get(rest, "?"))
   if rest == "conv" and j == "0":

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert import common
-from jaxdiff.convert.unet import _RESNET_NAMES
+from jaxdiff.convert.unet import RESNET_NAMES
 from jaxdiff.models.unet_cond import UNetCond
 
 # UNet2DConditionModel.__init__ defaults, for configs that omit fields. Each supported field
@@ -160,7 +160,7 @@ def _flax_path(module: str, num_levels: int) -> tuple[str, ...]:
   if module in top:
     return (top[module],)
   if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)", module):
-    return (f"mid_res_{m[1]}", _RESNET_NAMES.get(m[2], "?"))
+    return (f"mid_res_{m[1]}", RESNET_NAMES.get(m[2], "?"))
   if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
     return ("mid_attn", *_transformer_path(m[1]))
   m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
@@ -170,7 +170,7 @@ def _flax_path(module: str, num_levels: int) -> tuple[str, ...]:
   path, index, kind, j, rest = m[1], int(m[2]), m[3], m[4], m[5]
   level = index if path == "down" else num_levels - 1 - index
   if kind == "resnets":
-    return (f"{path}_{level}_res_{j}", _RESNET_NAMES.get(rest, "?"))
+    return (f"{path}_{level}_res_{j}", RESNET_NAMES.get(rest, "?"))
   if kind == "attentions":
     return (f"{path}_{level}_attn_{j}", *_transformer_path(rest))
   if rest == "conv" and j == "0":

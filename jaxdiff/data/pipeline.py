@@ -6,6 +6,7 @@ when a hash of (seed, g) says so. Global batch s holds positions [s*B, (s+1)*B);
 only rows [p*B_local, (p+1)*B_local) of it. Nothing depends on the process count, the number of
 grain workers or threads, or on where a run was resumed, so a 2-process run sees bit-identical
 data to a 1-process run, and a resumed run sees the same batches as an uninterrupted one.
+Cached latents (source "latents") go through the same stream; see `latents.py`.
 """
 from collections.abc import Iterator
 
@@ -16,8 +17,10 @@ import numpy as np
 
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetInfo
+from jaxdiff.data.latents import LatentSource
 from jaxdiff.data.sources import ImageSource
 from jaxdiff.data.sources import open_source
+from jaxdiff.data.sources import stack_examples
 
 _MASK64 = (1 << 64) - 1
 _SHUFFLE_STREAM = 0x73687566  # Separates the shuffle and flip randomness of one seed.
@@ -29,7 +32,7 @@ _END = 1 << 62
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
   """Image size, channels, number of classes and examples of the configured dataset."""
   source = open_source(cfg)
-  return DatasetInfo(image_size=cfg.image_size, channels=source.channels,
+  return DatasetInfo(image_size=source.image_size, channels=source.channels,
                      num_classes=source.num_classes, num_examples=len(source))
 
 
@@ -68,7 +71,7 @@ class _GlobalPosition:
 class _ReadExample:
   """Reads the (shuffled, maybe flipped) example at a global position."""
 
-  def __init__(self, source: ImageSource, seed: int, random_flip: bool):
+  def __init__(self, source: ImageSource | LatentSource, seed: int, random_flip: bool):
     self.source, self.seed, self.random_flip = source, seed, random_flip
     self.num_examples = len(source)
     self._permutations = {}
@@ -84,32 +87,21 @@ class _ReadExample:
 
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     epoch, offset = divmod(position, self.num_examples)
-    example = self.source[int(self._permutation(epoch)[offset])]
-    if self.random_flip and flip_bit(self.seed, position):
-      example["image"] = np.ascontiguousarray(example["image"][:, ::-1])
-    return example
-
-
-def _to_training_batch(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Stacks examples; uint8 images become float32 x / 127.5 - 1 in [-1, 1]."""
-  batch = _to_uint8_batch(examples)
-  batch["image"] = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-  return batch
-
-
-def _to_uint8_batch(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {"image": np.stack([e["image"] for e in examples]),
-          "label": np.asarray([e["label"] for e in examples], dtype=np.int32)}
+    flip = self.random_flip and flip_bit(self.seed, position)
+    return self.source.training_example(int(self._permutation(epoch)[offset]), flip,
+                                        self.seed, position)
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
   """Infinite iterator over one process's rows of the global training batches.
 
-  Yields `{"image": float32 [B_local, H, W, C] in [-1, 1], "label": int32 [B_local]}`. Its state
+  Yields `{"image": float32 [B_local, H, W, C] in [-1, 1], "label": int32 [B_local]}`, or
+  `{"latent": float32 [B_local, h, w, c], "label"}` for cached latents. Its state
   is the index of the next global batch; `set_state` rebuilds the grain pipeline from there.
   """
 
-  def __init__(self, cfg: DataConfig, source: ImageSource, *, global_batch_size: int, seed: int,
+  def __init__(self, cfg: DataConfig, source: ImageSource | LatentSource, *,
+               global_batch_size: int, seed: int,
                process_index: int, process_count: int):
     self.cfg, self.seed, self.global_batch_size = cfg, seed, global_batch_size
     self.local_batch_size = global_batch_size // process_count
@@ -121,7 +113,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
   def _start(self):
     first = self._next_batch * self.local_batch_size
     dataset = (grain.MapDataset.range(first, _END).map(self._to_global).map(self._read)
-               .batch(self.local_batch_size, batch_fn=_to_training_batch))
+               .batch(self.local_batch_size, batch_fn=self._read.source.training_batch))
     dataset = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=self.cfg.num_threads, prefetch_buffer_size=self.cfg.prefetch))
     if self.cfg.num_workers:
@@ -179,7 +171,8 @@ def make_train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int,
 
   Returns:
     A `TrainIterator` yielding `{"image": float32 [B_local, H, W, C] in [-1, 1],
-    "label": int32 [B_local]}` with `B_local = global_batch_size // process_count`.
+    "label": int32 [B_local]}` (`{"latent": float32 [B_local, h, w, c], "label"}` for
+    source="latents") with `B_local = global_batch_size // process_count`.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -216,8 +209,11 @@ def iterate_dataset(cfg: DataConfig, *, batch_size: int, split: str | None = Non
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
   if max_examples is not None and max_examples < 0:
     raise ValueError(f"max_examples must be >= 0, got {max_examples}")
+  if cfg.source == "latents":
+    raise ValueError("iterate_dataset reads images; DataConfig.source='latents' holds latents "
+                     "(use the image dataset they were encoded from)")
   source = open_source(cfg, split)
   count = len(source) if max_examples is None else min(len(source), max_examples)
-  dataset = grain.MapDataset.source(source)[:count].batch(batch_size, batch_fn=_to_uint8_batch)
+  dataset = grain.MapDataset.source(source)[:count].batch(batch_size, batch_fn=stack_examples)
   return iter(dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)))

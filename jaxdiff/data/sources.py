@@ -2,6 +2,8 @@
 
 Every source is a picklable sequence (so grain worker processes can hold it) whose item `i` is
 `{"image": uint8 [S, S, C] at the configured size, "label": int32 []}`, in a fixed order.
+The training stream reads a source through `training_example` and `training_batch`, which
+cached latents (`latents.LatentSource`) implement too.
 """
 import functools
 import gzip
@@ -14,6 +16,7 @@ from PIL import Image
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetNotFoundError
 from jaxdiff.data.fit import fit_image
+from jaxdiff.data.latents import LatentSource
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _MNIST_SIDE = 28
@@ -43,6 +46,28 @@ class ImageSource:
     image, label = self._read(int(index))
     image = fit_image(image, self.image_size, self.channels, self.fit)
     return {"image": image, "label": np.int32(label)}
+
+  def training_example(self, index: int, flip: bool, seed: int,
+                       position: int) -> dict[str, np.ndarray]:
+    """Item `index` as the training stream reads it at a global position: maybe flipped."""
+    del seed, position  # Images need no randomness beyond the flip.
+    example = self[index]
+    if flip:
+      example["image"] = np.ascontiguousarray(example["image"][:, ::-1])
+    return example
+
+  @staticmethod
+  def training_batch(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stacks examples; uint8 images become float32 x / 127.5 - 1 in [-1, 1]."""
+    batch = stack_examples(examples)
+    batch["image"] = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return batch
+
+
+def stack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """{"image": uint8 [B, S, S, C], "label": int32 [B]} from a list of source items."""
+  return {"image": np.stack([e["image"] for e in examples]),
+          "label": np.asarray([e["label"] for e in examples], dtype=np.int32)}
 
 
 class TfdsSource(ImageSource):
@@ -109,8 +134,11 @@ class MnistOfflineSource(ImageSource):
     return self.images[index], self.labels[index]
 
 
-def open_source(cfg: DataConfig, split: str | None = None) -> ImageSource:
+def open_source(cfg: DataConfig, split: str | None = None) -> ImageSource | LatentSource:
   """Opens the configured source; `split` overrides `cfg.split` (TFDS only)."""
+  if cfg.source == "latents":
+    return LatentSource(cfg.latents_dir, random_flip=cfg.random_flip,
+                        sampling=cfg.latent_sampling)
   if cfg.source == "tfds":
     return TfdsSource(cfg, split or cfg.split)
   if split is not None and split != cfg.split:

@@ -12,12 +12,12 @@ from jaxdiff.eval import reference as reference_lib
 from jaxdiff.eval import weights
 
 PROXY_BELOW = 10_000
-ALL_METRICS = ("fid", "kid", "is", "pr")
+ALL_METRICS = ("fid", "sfid", "kid", "is", "pr")
 
 
-def fid_label(num_samples: int) -> str:
-  """'FID-<n>', with ' (proxy)' below 10,000 samples."""
-  return f"FID-{num_samples}" + (" (proxy)" if num_samples < PROXY_BELOW else "")
+def fid_label(num_samples: int, name: str = "FID") -> str:
+  """'FID-<n>' (or '<name>-<n>'), with ' (proxy)' below 10,000 samples."""
+  return f"{name}-{num_samples}" + (" (proxy)" if num_samples < PROXY_BELOW else "")
 
 
 def _needs_reference_features(reference: dict, name: str, skipped: dict) -> bool:
@@ -32,13 +32,17 @@ def compute_metrics(sample_features: dict, reference: dict, names=ALL_METRICS,
   """Scores generated images' features against a reference.
 
   Args:
-    sample_features: from `FeatureExtractor`: "pool" [N, 2048], optionally "logits_unbiased".
-    reference: from `reference.load_reference`: "mu", "sigma", optionally "features".
-    names: any of "fid", "kid", "is" (Inception Score), "pr" (precision/recall, k = 3).
+    sample_features: from `FeatureExtractor`: "pool" [N, 2048], optionally "logits_unbiased"
+      and "spatial" [N, 2023].
+    reference: from `reference.load_reference`: "mu", "sigma", optionally "features", "mu_s"
+      and "sigma_s".
+    names: any of "fid", "sfid" (ADM's spatial FID), "kid", "is" (Inception Score), "pr"
+      (precision/recall, k = 3).
 
   Returns:
-    {"num_samples", and per metric "fid", "fid_label", "kid_mean", "kid_std",
-    "kid_subset_size", "inception_score_mean", "inception_score_std", "precision", "recall"},
+    {"num_samples", and per metric "fid", "fid_label", "sfid", "sfid_label", "kid_mean",
+    "kid_std", "kid_subset_size", "inception_score_mean", "inception_score_std", "precision",
+    "recall"},
     plus "skipped": {metric: reason} for metrics the inputs do not allow.
   """
   unknown = set(names) - set(ALL_METRICS)
@@ -50,6 +54,8 @@ def compute_metrics(sample_features: dict, reference: dict, names=ALL_METRICS,
     mu, sigma = metrics_lib.fid_statistics(pool)
     results["fid"] = metrics_lib.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
     results["fid_label"] = fid_label(len(pool))
+  if "sfid" in names:
+    results.update(_spatial_fid(sample_features, reference, skipped))
   if "kid" in names and _needs_reference_features(reference, "kid", skipped):
     # Generated first, reference second: the order torch-fidelity draws its subsets in.
     results.update(metrics_lib.kernel_inception_distance(
@@ -64,6 +70,19 @@ def compute_metrics(sample_features: dict, reference: dict, names=ALL_METRICS,
   if skipped:
     results["skipped"] = skipped
   return results
+
+
+def _spatial_fid(sample_features: dict, reference: dict, skipped: dict) -> dict:
+  """sFID (Nash et al. 2021, as ADM computes it): the Fréchet distance of the spatial features."""
+  if "spatial" not in sample_features:
+    skipped["sfid"] = "the Inception network was built without spatial features"
+    return {}
+  if reference.get("mu_s") is None or reference.get("sigma_s") is None:
+    skipped["sfid"] = "the reference has no spatial statistics (mu_s, sigma_s)"
+    return {}
+  mu, sigma = metrics_lib.fid_statistics(sample_features["spatial"])
+  sfid = metrics_lib.frechet_distance(mu, sigma, reference["mu_s"], reference["sigma_s"])
+  return {"sfid": sfid, "sfid_label": fid_label(len(sample_features["spatial"]), "sFID")}
 
 
 class FidEvaluator:

@@ -86,7 +86,8 @@ class FeatureExtractor:
 
     Returns:
       {"pool": float32 [N, 2048]} plus "logits_unbiased" and "logits" [N, 1008] when the
-      weights have the classifier.
+      weights have the classifier, and "spatial" [N, 2023] (sFID) unless the model was built
+      without it.
     """
     if isinstance(images, np.ndarray):
       images = _batches(check_images(images), self.batch_size)

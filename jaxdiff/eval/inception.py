@@ -20,6 +20,10 @@ import numpy as np
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # The TF graph's classifier: 1000 ImageNet classes + 8 unused.
+# ADM's sFID features: the TF graph's `mixed_6/conv:0`, i.e. the ReLU output of Mixed_6d's 1x1
+# branch (torch-fidelity's TF -> torch weight map names mixed_4..mixed_7 Mixed_6b..Mixed_6e),
+# [B, 17, 17, 192], of which ADM keeps the first 7 channels, flattened in (h, w, c) order.
+SPATIAL_CHANNELS = 7
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
@@ -203,16 +207,21 @@ class InceptionV3(nn.Module):
 
   Attributes:
     with_logits: also compute the 1008-way classifier (needed for the Inception Score).
+    with_spatial: also return ADM's spatial features (needed for sFID).
   """
   with_logits: bool = True
+  with_spatial: bool = True
 
   @nn.compact
   def __call__(self, x):
     """Args: x: float32 [B, 299, 299, 3] from `preprocess`.
 
     Returns:
-      {"pool": [B, 2048] (FID/KID/PR features), and with logits "logits_unbiased": [B, 1008]
-      (`pool @ W`, the logits of the original Inception Score code) and "logits": [B, 1008]}.
+      {"pool": [B, 2048] (FID/KID/PR features), with logits "logits_unbiased": [B, 1008]
+      (`pool @ W`, the logits of the original Inception Score code) and "logits": [B, 1008],
+      and with spatial features "spatial": [B, 17 * 17 * 7] (ADM's sFID features: the first 7
+      channels of Mixed_6d's 1x1 branch, the 1x1 branch being the first 192 channels of
+      Mixed_6d's output, flattened as TF's NHWC reshape)}.
     """
     x = BasicConv2d(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
     x = BasicConv2d(32, (3, 3), name="Conv2d_2a_3x3")(x)
@@ -228,11 +237,15 @@ class InceptionV3(nn.Module):
     for name, channels in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
                            ("Mixed_6e", 192)):
       x = InceptionC(channels, name=name)(x)
+      if name == "Mixed_6d":
+        spatial = x[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
     x = InceptionD(name="Mixed_7a")(x)
     x = InceptionE("avg", name="Mixed_7b")(x)
     x = InceptionE("max", name="Mixed_7c")(x)
     pool = jnp.mean(x, axis=(1, 2))
     out = {"pool": pool}
+    if self.with_spatial:
+      out["spatial"] = spatial
     if self.with_logits:
       out["logits_unbiased"], out["logits"] = Classifier(name="fc")(pool)
     return out

@@ -3,9 +3,11 @@
 An images `.npz` holds `arr_0`: uint8 [N, H, W, C] (ADM's reference batches and the sample
 CLI's output); a samples file may also carry scalar metadata (`method`, `num_steps`,
 `guidance_scale`, `seed`, `checkpoint_step`, ...). A statistics `.npz` holds `mu` [2048],
-`sigma` [2048, 2048], `num_images`, and optionally `features` [N, 2048] for KID and
-precision/recall. When a file has both `arr_0` and `mu` (ADM's batches carry TF-computed
-statistics), the images are used, so every number comes from this network.
+`sigma` [2048, 2048], `num_images`, optionally `features` [N, 2048] for KID and
+precision/recall, and `mu_s` [2023], `sigma_s` [2023, 2023] of the spatial features for sFID
+(ADM's names). When a file has both `arr_0` and `mu` (ADM's reference batches, e.g.
+VIRTUAL_imagenet256_labeled.npz, carry TF-computed `mu`, `sigma`, `mu_s`, `sigma_s`), the
+images are used, so every number comes from this network.
 """
 import os
 from typing import Any
@@ -60,14 +62,19 @@ def load_reference(path: str, extractor: "features_lib.FeatureExtractor | None")
     extractor: computes features when the file holds images (may be None for statistics).
 
   Returns:
-    {"mu", "sigma", "num_images"} and "features" [N, 2048] when available.
+    {"mu", "sigma", "num_images"}, "features" [N, 2048] when available, and "mu_s", "sigma_s"
+    (spatial statistics for sFID) when the images or the file provide them.
   """
   with _open_npz(path) as data:
     if "arr_0" in data.files:
       images = features_lib.check_images(data["arr_0"], what=f"{path} arr_0")
-      return statistics_from_features(extractor(images)["pool"])
+      features = extractor(images)
+      return statistics_from_features(features["pool"], features.get("spatial"))
     if "mu" in data.files and "sigma" in data.files:
       stats = {"mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64)}
+      if "mu_s" in data.files and "sigma_s" in data.files:
+        stats["mu_s"] = data["mu_s"].astype(np.float64)
+        stats["sigma_s"] = data["sigma_s"].astype(np.float64)
       if "features" in data.files:
         stats["features"] = data["features"]
       num = data["num_images"] if "num_images" in data.files else None
@@ -78,10 +85,15 @@ def load_reference(path: str, extractor: "features_lib.FeatureExtractor | None")
         f"{path}: neither images ('arr_0') nor statistics ('mu' and 'sigma'); keys: {data.files}")
 
 
-def statistics_from_features(pool: np.ndarray) -> dict:
-  """{"mu", "sigma", "num_images", "features"} from pool features [N, 2048]."""
+def statistics_from_features(pool: np.ndarray, spatial: np.ndarray | None = None) -> dict:
+  """{"mu", "sigma", "num_images", "features"} from pool features [N, 2048], plus
+  {"mu_s", "sigma_s"} from spatial features [N, 2023] when given (the features themselves are
+  not kept: only sFID uses them)."""
   mu, sigma = metrics.fid_statistics(pool)
-  return {"mu": mu, "sigma": sigma, "num_images": len(pool), "features": pool}
+  stats = {"mu": mu, "sigma": sigma, "num_images": len(pool), "features": pool}
+  if spatial is not None:
+    stats["mu_s"], stats["sigma_s"] = metrics.fid_statistics(spatial)
+  return stats
 
 
 def save_statistics(path: str, stats: dict) -> None:
@@ -113,6 +125,7 @@ def dataset_statistics(name: str, split: str, extractor, cache_dir: str, *,
   batches = (batch["image"] for batch in
              data.iterate_dataset(config, batch_size=batch_size, split=split,
                                   max_examples=max_images))
-  stats = statistics_from_features(extractor(batches, max_images=max_images)["pool"])
+  features = extractor(batches, max_images=max_images)
+  stats = statistics_from_features(features["pool"], features.get("spatial"))
   save_statistics(path, stats)
   return stats, path

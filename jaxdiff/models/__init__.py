@@ -1,7 +1,8 @@
-"""Backbones (U-Net, DiT) and the size table that names them.
+"""Backbones (U-Net, DiT), the latent autoencoder, and the size tables that name them.
 
 `build_model("dit-s/2", num_classes=10)` returns a Flax module; every model is called as
 `model.apply({"params": p}, x, t, y, train=False)` with x [B, H, W, C], t [B], y [B] int or None.
+`build_autoencoder("kl-f8")` returns the KL autoencoder of latent diffusion (`encode` / `decode`).
 
 Text-to-image (Stable Diffusion layout): `UNetCond` is called as
 `model.apply({"params": p}, x, t, context, train=False)` with context [B, S, D] from
@@ -10,6 +11,8 @@ Text-to-image (Stable Diffusion layout): `UNetCond` is called as
 
 import dataclasses
 
+from jaxdiff.models.autoencoder import AUTOENCODER_SIZES, AutoencoderKL, build_autoencoder
+from jaxdiff.models.autoencoder import decode_in_chunks
 from jaxdiff.models.clip import CLIP_TEXT_SIZES, CLIPTextEncoder, CLIPTextOutput
 from jaxdiff.models.dit import DiT, DIT_SIZES
 from jaxdiff.models.unet import UNet, UNET_SIZES
@@ -36,5 +39,6 @@ def build_model(name: str, **overrides):
   return module_class(**{**fields, **overrides})
 
 
-__all__ = ["DiT", "UNet", "UNetCond", "CLIPTextEncoder", "CLIPTextOutput", "CLIP_TEXT_SIZES",
-           "MODEL_SIZES", "UNET_COND_SIZES", "build_model"]
+__all__ = ["AUTOENCODER_SIZES", "AutoencoderKL", "CLIPTextEncoder", "CLIPTextOutput",
+           "CLIP_TEXT_SIZES", "DiT", "MODEL_SIZES", "UNET_COND_SIZES", "UNet", "UNetCond",
+           "build_autoencoder", "build_model", "decode_in_chunks"]

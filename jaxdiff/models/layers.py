@@ -1,7 +1,9 @@
-"""Layers shared by the U-Net and the DiT."""
+"""Layers shared by the U-Net, the DiT and the autoencoder."""
 
 import math
+from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 
@@ -38,3 +40,28 @@ def timestep_embedding(
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
+
+
+# DDPM's variance_scaling(1, fan_avg, uniform), used by the U-Net and the autoencoder.
+KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def kernel_init(zero: bool):
+  """DDPM's kernel initialiser, or zeros for layers that start as the identity's residual."""
+  return nn.initializers.zeros_init() if zero else KERNEL_INIT
+
+
+def group_norm(groups: int, eps: float, dtype: Any, param_dtype: Any, name: str) -> nn.GroupNorm:
+  """GroupNorm with PyTorch's numerics (statistics in at least float32)."""
+  # Two-pass variance: E[x^2] - E[x]^2 loses digits against PyTorch's GroupNorm.
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                      use_fast_variance=False, name=name)
+
+
+def conv(features: int, kernel: int, dtype: Any, param_dtype: Any, name: str, *,
+         stride: int = 1, padding=None, zero: bool = False) -> nn.Conv:
+  """Square conv, 'same' padding by default (kernel // 2 on every side), DDPM init."""
+  if padding is None:
+    padding = ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                 dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init(zero), name=name)

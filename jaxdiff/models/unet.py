@@ -26,27 +26,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.layers import KERNEL_INIT
+from jaxdiff.models.layers import conv
+from jaxdiff.models.layers import group_norm
+from jaxdiff.models.layers import kernel_init
 from jaxdiff.models.layers import timestep_embedding
-
-_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
-
-
-def _kernel_init(zero: bool):
-  return nn.initializers.zeros_init() if zero else _KERNEL_INIT
-
-
-def _group_norm(groups: int, eps: float, dtype: Any, param_dtype: Any, name: str) -> nn.GroupNorm:
-  # Two-pass variance: E[x^2] - E[x]^2 loses digits against PyTorch's GroupNorm.
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
-
-
-def _conv(features: int, kernel: int, dtype: Any, param_dtype: Any, name: str, *,
-          stride: int = 1, padding=None, zero: bool = False) -> nn.Conv:
-  if padding is None:
-    padding = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 dtype=dtype, param_dtype=param_dtype, kernel_init=_kernel_init(zero), name=name)
 
 
 class ResBlock(nn.Module):
@@ -69,20 +53,20 @@ class ResBlock(nn.Module):
   def __call__(self, x: jnp.ndarray, emb: jnp.ndarray, train: bool) -> jnp.ndarray:
     """x: [B, H, W, C_in], emb: [B, E] -> [B, H, W, features]."""
     norm_args = (self.norm_groups, self.norm_eps, self.dtype, self.param_dtype)
-    h = nn.silu(_group_norm(*norm_args, name="norm_1")(x))
-    h = _conv(self.features, 3, self.dtype, self.param_dtype, "conv_1")(h)
+    h = nn.silu(group_norm(*norm_args, name="norm_1")(x))
+    h = conv(self.features, 3, self.dtype, self.param_dtype, "conv_1")(h)
     emb_out = nn.Dense(self.features * (2 if self.scale_shift else 1), dtype=self.dtype,
-                       param_dtype=self.param_dtype, kernel_init=_KERNEL_INIT,
+                       param_dtype=self.param_dtype, kernel_init=KERNEL_INIT,
                        name="time_proj")(nn.silu(emb))[:, None, None, :]
     if self.scale_shift:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = _group_norm(*norm_args, name="norm_2")(h) * (1 + scale) + shift
+      h = group_norm(*norm_args, name="norm_2")(h) * (1 + scale) + shift
     else:
-      h = _group_norm(*norm_args, name="norm_2")(h + emb_out)
+      h = group_norm(*norm_args, name="norm_2")(h + emb_out)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-    h = _conv(self.features, 3, self.dtype, self.param_dtype, "conv_2", zero=self.zero_init)(h)
+    h = conv(self.features, 3, self.dtype, self.param_dtype, "conv_2", zero=self.zero_init)(h)
     if x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.dtype, self.param_dtype, "skip_proj")(x)
+      x = conv(self.features, 1, self.dtype, self.param_dtype, "skip_proj")(x)
     return x + h
 
 
@@ -103,12 +87,12 @@ class SelfAttention(nn.Module):
     heads = channels // self.head_dim if self.head_dim else 1
     h = x
     if self.use_norm:
-      h = _group_norm(self.norm_groups, self.norm_eps, self.dtype, self.param_dtype, "norm")(h)
+      h = group_norm(self.norm_groups, self.norm_eps, self.dtype, self.param_dtype, "norm")(h)
     h = einops.rearrange(h, "b h w c -> b (h w) c")
 
     def dense(name, zero=False):
       return nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=_kernel_init(zero), name=name)
+                      kernel_init=kernel_init(zero), name=name)
 
     q, k, v = (einops.rearrange(dense(name)(h), "b l (heads d) -> b l heads d", heads=heads)
                for name in ("query", "key", "value"))
@@ -166,17 +150,17 @@ class UNet(nn.Module):
     """
     self._check_input(x)
     emb = self._embed(t, y, train)
-    h = _conv(self.channels, 3, self.dtype, self.param_dtype, "conv_in")(x)
+    h = conv(self.channels, 3, self.dtype, self.param_dtype, "conv_in")(x)
     h, skips = self._down(h, emb, train)
     h = self._res_block(self.channels * self.channel_mult[-1], "mid_res_0")(h, emb, train)
     if self.mid_attention:
       h = self._attention("mid_attn", use_norm=self.mid_attention_norm)(h)
     h = self._res_block(self.channels * self.channel_mult[-1], "mid_res_1")(h, emb, train)
     h = self._up(h, skips, emb, train)
-    h = nn.silu(_group_norm(self.norm_groups, self.norm_eps, jnp.float32, self.param_dtype,
+    h = nn.silu(group_norm(self.norm_groups, self.norm_eps, jnp.float32, self.param_dtype,
                             "norm_out")(h.astype(jnp.float32)))
     out = (self.out_channels or x.shape[-1]) * (2 if self.learn_sigma else 1)
-    return _conv(out, 3, jnp.float32, self.param_dtype, "conv_out", zero=self.zero_init)(h)
+    return conv(out, 3, jnp.float32, self.param_dtype, "conv_out", zero=self.zero_init)(h)
 
   def _check_input(self, x: jnp.ndarray) -> None:
     factor = 2 ** (len(self.channel_mult) - 1)
@@ -208,7 +192,7 @@ class UNet(nn.Module):
     emb = timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos,
                              freq_shift=self.freq_shift)
     dense = lambda name: nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=_KERNEL_INIT, name=name)
+                                  kernel_init=KERNEL_INIT, name=name)
     emb = dense("time_dense_2")(nn.silu(dense("time_dense_1")(emb)))
     if self.num_classes == 0:
       if y is not None:
@@ -240,7 +224,7 @@ class UNet(nn.Module):
         skips.append(h)
       if level != last:
         pad = ((0, 1), (0, 1)) if self.downsample_padding == "same" else ((1, 1), (1, 1))
-        h = _conv(h.shape[-1], 3, self.dtype, self.param_dtype, f"down_{level}_downsample",
+        h = conv(h.shape[-1], 3, self.dtype, self.param_dtype, f"down_{level}_downsample",
                   stride=2, padding=pad)(h)
         skips.append(h)
     return h, skips
@@ -256,7 +240,7 @@ class UNet(nn.Module):
           h = self._attention(f"up_{level}_attn_{i}")(h)
       if level != 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-        h = _conv(h.shape[-1], 3, self.dtype, self.param_dtype, f"up_{level}_upsample")(h)
+        h = conv(h.shape[-1], 3, self.dtype, self.param_dtype, f"up_{level}_upsample")(h)
     return h
 
   def _res_block(self, features: int, name: str) -> ResBlock:

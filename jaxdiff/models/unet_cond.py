@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from jaxdiff.models.layers import timestep_embedding
 from jaxdiff.models.transformer import SpatialTransformer
-from jaxdiff.models.unet import ResBlock, _conv, _group_norm
+from jaxdiff.models.layers import conv, group_norm
+from jaxdiff.models.unet import ResBlock
 
 
 class UNetCond(nn.Module):
@@ -72,15 +73,15 @@ class UNetCond(nn.Module):
     """
     self._check_input(x, context)
     emb = self._embed(t)
-    h = _conv(self.widths[0], 3, self.dtype, self.param_dtype, "conv_in")(x)
+    h = conv(self.widths[0], 3, self.dtype, self.param_dtype, "conv_in")(x)
     h, skips = self._down(h, emb, context, train)
     h = self._res_block(self.widths[-1], "mid_res_0")(h, emb, train)
     h = self._transformer(len(self.widths) - 1, "mid_attn")(h, context)
     h = self._res_block(self.widths[-1], "mid_res_1")(h, emb, train)
     h = self._up(h, skips, emb, context, train)
-    h = nn.silu(_group_norm(self.norm_groups, self.norm_eps, jnp.float32, self.param_dtype,
+    h = nn.silu(group_norm(self.norm_groups, self.norm_eps, jnp.float32, self.param_dtype,
                             "norm_out")(h.astype(jnp.float32)))
-    return _conv(self.out_channels or x.shape[-1], 3, jnp.float32, self.param_dtype, "conv_out",
+    return conv(self.out_channels or x.shape[-1], 3, jnp.float32, self.param_dtype, "conv_out",
                  zero=self.zero_init)(h)
 
   def _check_input(self, x: jnp.ndarray, context: jnp.ndarray) -> None:
@@ -125,7 +126,7 @@ class UNetCond(nn.Module):
         skips.append(h)
       if level != last:
         pad = ((0, 1), (0, 1)) if self.downsample_padding == "same" else ((1, 1), (1, 1))
-        h = _conv(width, 3, self.dtype, self.param_dtype, f"down_{level}_downsample",
+        h = conv(width, 3, self.dtype, self.param_dtype, f"down_{level}_downsample",
                   stride=2, padding=pad)(h)
         skips.append(h)
     return h, skips
@@ -140,7 +141,7 @@ class UNetCond(nn.Module):
           h = self._transformer(level, f"up_{level}_attn_{i}")(h, context)
       if level != 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-        h = _conv(h.shape[-1], 3, self.dtype, self.param_dtype, f"up_{level}_upsample")(h)
+        h = conv(h.shape[-1], 3, self.dtype, self.param_dtype, f"up_{level}_upsample")(h)
     return h
 
   def _res_block(self, features: int, name: str) -> ResBlock:

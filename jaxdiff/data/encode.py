@@ -1,0 +1,220 @@
+r"""Encodes a dataset once with a KL autoencoder into cached latents (the `latents` source).
+
+  python -m jaxdiff.data.encode --autoencoder=PATH/vae --output_dir=latents/mnist \
+      --source=mnist_offline --image_size=32 --random_flip
+
+`--autoencoder` is a diffusers `AutoencoderKL` folder (config.json + safetensors, e.g. a DiT
+pipeline's `vae/`). The data flags are `DataConfig`'s fields (any source: mnist_offline,
+folder, tfds). With --random_flip both the image and its mirror image are encoded and stored
+(as fast-DiT does), so training can flip without running the encoder. The format is described
+in `latents.py`; a run that stops early leaves no `latents.json`, so it is never read.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from array_record.python import array_record_module
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.data import latents
+from jaxdiff.data.config import DataConfig
+from jaxdiff.data.pipeline import dataset_info
+from jaxdiff.data.pipeline import iterate_dataset
+
+
+class _Statistics:
+  """Per-channel mean and std of z ~ q(z | x) over the stored latents, in float64.
+
+  Over the mixture of the posteriors, E[z] = E[mean] and E[z^2] = E[mean^2 + std^2].
+  """
+
+  def __init__(self, channels: int):
+    self.count = 0
+    self.first = np.zeros(channels)
+    self.second = np.zeros(channels)
+
+  def add(self, mean: np.ndarray, std: np.ndarray) -> None:
+    mean, std = mean.astype(np.float64), std.astype(np.float64)
+    self.count += mean[..., 0].size
+    self.first += mean.reshape(-1, mean.shape[-1]).sum(0)
+    self.second += (mean**2 + std**2).reshape(-1, mean.shape[-1]).sum(0)
+
+  def summary(self) -> dict:
+    channel_mean = self.first / self.count
+    channel_var = self.second / self.count - channel_mean**2
+    overall_var = self.second.sum() / (self.count * len(self.first)) - channel_mean.mean()**2
+    return {"channel_mean": channel_mean.tolist(), "channel_std": np.sqrt(channel_var).tolist(),
+            "std": float(np.sqrt(overall_var)),
+            "suggested_scaling_factor": float(1.0 / np.sqrt(overall_var))}
+
+
+def _make_encoder(module, params, batch_size: int):
+  """Jitted [B, H, W, C] float -> (mean, std), sharded over all devices on the batch axis."""
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  data, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh,
+                                                                                PartitionSpec())
+  params = jax.device_put(params, replicated)
+
+  @jax.jit
+  def encode(params, images):
+    mean, logvar = module.apply({"params": params}, images, method=module.encode)
+    return mean, jnp.exp(0.5 * logvar)
+
+  def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    count = len(images)
+    padded = np.zeros((batch_size,) + images.shape[1:], np.float32)
+    padded[:count] = images
+    mean, std = encode(params, jax.device_put(padded, data))
+    return np.asarray(mean)[:count], np.asarray(std)[:count]
+
+  return run
+
+
+def _check_fits(data_info, module, params) -> None:
+  """One clear line, before anything is written, when the images cannot be encoded."""
+  if data_info.num_examples == 0:
+    raise ValueError("the dataset of this DataConfig has no examples")
+  in_channels = params["encoder"]["conv_in"]["kernel"].shape[2]
+  if data_info.channels != in_channels:
+    raise ValueError(f"DataConfig.channels gives {data_info.channels}-channel images but the "
+                     f"autoencoder takes {in_channels}; set --channels={in_channels}")
+  factor = module.downsample_factor
+  if data_info.image_size % factor:
+    raise ValueError(f"DataConfig.image_size={data_info.image_size} is not divisible by the "
+                     f"autoencoder's downsampling factor {factor}")
+
+
+def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_size: int = 64,
+                   records_per_shard: int = 10_000, autoencoder: str = "") -> dict:
+  """Encodes every example of `cfg` in dataset order and writes a latents folder.
+
+  Args:
+    cfg: the image dataset; `cfg.random_flip` stores the mirror image's latents too.
+    module: a `jaxdiff.models.autoencoder.AutoencoderKL` (from `load_diffusers` or a
+      jaxdiff-trained checkpoint); its scaling_factor and shift_factor are recorded.
+    params: its parameters.
+    output_dir: created if missing; an existing latents.json there is an error.
+    batch_size: images per encoder call (rounded up to a multiple of the device count).
+    records_per_shard: examples per ArrayRecord file.
+    autoencoder: where the autoencoder came from, recorded in latents.json.
+
+  Returns:
+    The written `latents.json` contents (see `latents.read_latents_info`).
+  """
+  if cfg.source == "latents":
+    raise ValueError("DataConfig.source='latents' is already encoded; encode an image source")
+  if records_per_shard < 1 or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} and records_per_shard={records_per_shard} must "
+                     "be >= 1")
+  info_path = os.path.join(output_dir, latents.INFO_FILE)
+  if os.path.exists(info_path):
+    raise ValueError(f"--output_dir={output_dir!r} already holds {latents.INFO_FILE}; choose a "
+                     "new folder")
+  data_info = dataset_info(cfg)
+  _check_fits(data_info, module, params)
+  os.makedirs(output_dir, exist_ok=True)
+  batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+  encode = _make_encoder(module, params, batch_size)
+  variants = 2 if cfg.random_flip else 1
+  num_shards = max(1, -(-data_info.num_examples // records_per_shard))
+  files = [latents.shard_name(i, num_shards) for i in range(num_shards)]
+  writer, written, stats, latent_shape = None, 0, None, None
+  for batch in iterate_dataset(cfg, batch_size=batch_size):
+    images = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    views = [images, images[:, :, ::-1]][:variants]
+    moments = [encode(view) for view in views]  # variants x (mean, std) [B, h, w, c]
+    stacked = np.stack([np.stack(m, axis=1) for m in moments], axis=1)  # [B, V, 2, h, w, c]
+    if stats is None:
+      latent_shape = list(stacked.shape[3:])
+      stats = _Statistics(latent_shape[-1])
+    stats.add(stacked[:, :, 0], stacked[:, :, 1])
+    for record, label in zip(stacked, batch["label"]):
+      if written % records_per_shard == 0:
+        if writer is not None:
+          writer.close()
+        path = os.path.join(output_dir, files[written // records_per_shard])
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+      writer.write(latents.pack_record(record, int(label)))
+      written += 1
+  if writer is not None:
+    writer.close()
+  info = {
+      "format": latents.FORMAT, "num_examples": written, "latent_shape": latent_shape,
+      "variants": variants, "num_classes": data_info.num_classes,
+      "scaling_factor": float(module.scaling_factor), "shift_factor": float(module.shift_factor),
+      **stats.summary(), "files": files, "image_size": data_info.image_size,
+      "image_channels": data_info.channels, "autoencoder": autoencoder,
+      "data": dataclasses.asdict(cfg),
+  }
+  with open(info_path + ".tmp", "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(info_path + ".tmp", info_path)
+  return info
+
+
+# Data flags are DataConfig's own fields (minus those of the latents source), so the two never
+# drift apart.
+_DATA_FIELDS = [f for f in dataclasses.fields(DataConfig) if not f.name.startswith("latent")]
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the CLI's flags (only when run as a program: library users import no flags)."""
+  defaults = DataConfig()
+  for field in _DATA_FIELDS:
+    default = getattr(defaults, field.name)
+    define = (flags.DEFINE_bool if isinstance(default, bool) else
+              flags.DEFINE_integer if isinstance(default, int) else flags.DEFINE_string)
+    define(field.name, default, f"DataConfig.{field.name}.", flag_values=flag_values)
+  flags.DEFINE_string("autoencoder", None,
+                      "diffusers AutoencoderKL folder (config.json + safetensors).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("output_dir", None, "Folder for latents.json and the shards.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", 64, "Images per encoder call (all devices).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("records_per_shard", 10_000, "Examples per ArrayRecord file.",
+                       flag_values=flag_values)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "Encoder compute dtype (outputs are float32).", flag_values=flag_values)
+
+
+def run(flag: flags.FlagValues = flags.FLAGS) -> dict:
+  """Encodes per the (parsed) flags; returns the latents.json contents."""
+  from jaxdiff.convert import load_diffusers  # pylint: disable=g-import-not-at-top
+  if not flag.autoencoder or not flag.output_dir:
+    raise ValueError("--autoencoder=PATH (a diffusers AutoencoderKL folder) and "
+                     "--output_dir=DIR are required")
+  cfg = DataConfig(**{f.name: getattr(flag, f.name) for f in _DATA_FIELDS})
+  module, params = load_diffusers(flag.autoencoder, dtype=jnp.dtype(flag.dtype))
+  if not hasattr(module, "encode"):
+    raise ValueError(f"--autoencoder={flag.autoencoder!r} is a {type(module).__name__}, not "
+                     "an AutoencoderKL folder")
+  info = encode_dataset(cfg, module, params, flag.output_dir, batch_size=flag.batch_size,
+                        records_per_shard=flag.records_per_shard,
+                        autoencoder=os.path.abspath(flag.autoencoder))
+  print(f"wrote {info['num_examples']} x {info['variants']} latents {info['latent_shape']} to "
+        f"{flag.output_dir} (channel std {np.round(info['channel_std'], 4).tolist()}, "
+        f"suggested scaling_factor {info['suggested_scaling_factor']:.5f})")
+  return info
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"jaxdiff.data.encode: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    run()
+  except (ValueError, OSError) as e:
+    print(f"jaxdiff.data.encode: error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
