@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.diffusion.vlb_weight = 1e-3  # Weight of the VLB term for the learned variance.
 
   config.data = ml_collections.ConfigDict()  # Mapped field by field onto jaxdiff.data.DataConfig.
-  config.data.source = "mnist_offline"  # tfds | folder | mnist_offline (5,000 digits, no download).
+  config.data.source = "mnist_offline"  # tfds | folder | mnist_offline (5,000 digits, no download) | latents.
   config.data.name = ""  # TFDS dataset name (source=tfds), e.g. cifar10, fashion_mnist.
   config.data.split = "train"  # Split to train on, e.g. train or train[:90%].
   config.data.data_dir = ""  # TFDS data_dir; "" = TFDS default ($TFDS_DATA_DIR, ~/tensorflow_datasets).
@@ -61,6 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.channels = 0  # 1 or 3; 0 keeps the dataset's own channel count.
   config.data.fit = "pad"  # Non-square/other sizes: pad (centre, zeros) | resize (and centre-crop).
   config.data.random_flip = False  # Random horizontal flips (off for digits).
+  config.data.latents_dir = ""  # Cached latents from python -m jaxdiff.data.encode (source=latents).
+  config.data.latent_sampling = "sample"  # Latents: sample z ~ q(z|x) at every step, or use the mean.
   config.data.image_key = "image"  # TFDS feature with the image.
   config.data.label_key = "label"  # TFDS feature with the class label.
   config.data.download = False  # Prepare a missing TFDS dataset (needs TensorFlow and internet).

@@ -136,7 +136,7 @@ def _section(config_dict: ml_collections.ConfigDict, cls, name: str, **resolved)
 
 def _data_config(section: ml_collections.ConfigDict) -> DataConfig:
   values = dict(section)
-  for field in ("data_dir", "folder"):
+  for field in ("data_dir", "folder", "latents_dir"):
     values[field] = values.get(field) or None
   unknown = sorted(set(values) - {f.name for f in dataclasses.fields(DataConfig)})
   if unknown:

@@ -48,7 +48,7 @@ class EvaluateOptions:
   cache_dir: str = _option(weights.DEFAULT_CACHE_DIR,
                            "Where weights and dataset statistics are cached.")
   metrics: str = _option(",".join(evaluator.ALL_METRICS),
-                         "Comma-separated, any of fid, kid, is, pr.")
+                         "Comma-separated, any of fid, sfid, kid, is, pr.")
   batch_size: int = _option(200, "Images per feature batch (all devices).")
   kid_subsets: int = _option(100, "KID subsets.")
   kid_subset_size: int = _option(1000, "KID subset size (capped at N).")
@@ -73,6 +73,7 @@ def score_rows(metrics: dict, metadata: dict) -> list[dict]:
   proxy = " (proxy)" if n < evaluator.PROXY_BELOW else ""
   candidates = [
       ("fid", metrics.get("fid_label"), "fid", None),
+      ("sfid", metrics.get("sfid_label"), "sfid", None),
       ("kid", f"KID-{n}{proxy}", "kid_mean", "kid_std"),
       ("is", f"IS-{n}{proxy}", "inception_score_mean", "inception_score_std"),
       ("precision", f"Precision-{n} (k=3)", "precision", None),

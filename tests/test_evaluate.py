@@ -54,7 +54,9 @@ def test_end_to_end_json_table_and_proxy_label(tmp_path, hashed_weights):
   assert {k: fid_row[k] for k in ("num_samples", "method", "num_steps", "guidance_scale",
                                   "seed")} == {"num_samples": 10, "method": "ddim",
                                                "num_steps": 50, "guidance_scale": 2.0, "seed": 3}
-  assert {row["metric"] for row in out["scores"]} == {"fid", "kid", "is", "precision", "recall"}
+  assert {row["metric"] for row in out["scores"]} == {"fid", "sfid", "kid", "is", "precision",
+                                                     "recall"}
+  assert "sFID-10 (proxy)" in result.stdout
   assert "FID-10 (proxy)" in result.stdout and "ddim" in result.stdout
   # FID from torch-fidelity's features of the same images, in closed form for N < D: with
   # centred features X1, X2 [n, D], tr((S1 S2)^(1/2)) = sum of singular values of X1 X2^T / (n-1).
