@@ -12,7 +12,7 @@ from jaxdiff.data import DatasetInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("base", "cifar_dit", "cifar_unet", "fashion_mnist_unet", "fashion_mnist_dit",
-               "mnist_offline", "unet_vs_dit")
+               "mnist_offline", "unet_vs_dit", "imagenet256_dit")
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,6 +56,20 @@ def test_cifar_unet_is_the_ddpm_recipe():
   assert c.train.ema_decays == (0.9999,)
   assert c.model.name == "unet-ddpm-cifar10" and c.model.overrides["dropout"] == 0.1
   assert (c.data.source, c.data.name) == ("tfds", "cifar10")
+
+
+def test_imagenet256_dit_is_the_dit_paper_recipe():
+  # Peebles & Xie 2023, Sec. 4: DiT-XL/2, learned sigma, label dropout 0.1, AdamW 1e-4 constant,
+  # no weight decay, batch 256, EMA 0.9999, 400k steps, T=1000 linear; latents of the SD VAE.
+  c = config_lib.parse_config(load("imagenet256_dit"))
+  assert (c.model.name, c.model.learn_sigma, c.model.class_dropout_prob) == ("dit-xl/2", True, 0.1)
+  assert (c.optimizer.learning_rate, c.optimizer.decay, c.optimizer.warmup_steps) == (
+      1e-4, "constant", 0)
+  assert c.optimizer.weight_decay == 0.0 and c.train.batch_size == 256
+  assert c.train.ema_decays == (0.9999,) and c.train.num_steps == 400_000
+  assert (c.diffusion.schedule, c.diffusion.num_timesteps) == ("linear", 1000)
+  assert c.data.source == "latents"
+  assert load("imagenet256_dit", "model=dit-b/2").model.name == "dit-b/2"
 
 
 def test_cifar_dit_is_class_conditional_with_label_dropout():
