@@ -84,40 +84,42 @@ TINY_RUN = ["--config=configs/mnist_offline.py:tiny", "--config.data.image_size=
             "--config.checkpoint.async_save=True", "--config.train.log_every=2"]
 
 
-def env(fault: str | None = None, devices: int = 1) -> dict[str, str]:
-  """Subprocess environment: CPU, `devices` devices, LLVM optimisation off (fast compiles)."""
+def env(fault: str | None = None, cache_dir: str | None = None) -> dict[str, str]:
+  """Subprocess environment: 1 CPU device, LLVM optimisation off (fast compiles) and, given
+  `cache_dir`, JAX's persistent compilation cache (a rerun loads the same executable)."""
   out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
                       "--xla_backend_optimization_level=0"}
   out.pop("JAXDIFF_FAULT", None)
   if fault:
     out["JAXDIFF_FAULT"] = fault
+  if cache_dir:
+    out.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   return out
 
 
-def start(workdir: str, extra=(), fault: str | None = None) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-c", RUNNER, *TINY_RUN, *extra,
-                           f"--workdir={workdir}"], cwd=REPO, env=env(fault),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def command(workdir: str, extra=()) -> list[str]:
+  return [sys.executable, "-c", RUNNER, *TINY_RUN, *extra, f"--workdir={workdir}"]
 
 
-def run(workdir: str, extra=(), fault: str | None = None,
-        kill_at: float | None = None, timeout: float = 600) -> tuple[int, str, float]:
-  """Runs once; SIGKILLs it from outside `kill_at` seconds after the start if given.
+def run(workdir: str, extra=(), fault: str | None = None, kill_at: float | None = None,
+        cache_dir: str | None = None, timeout: float = 900) -> tuple[int, str, float]:
+  """Runs the CLI once; SIGKILLs it from outside `kill_at` seconds after the start if given.
 
   Returns:
     (exit status, stderr, seconds).
   """
   begin = time.perf_counter()
-  process = start(workdir, extra, fault)
+  process = subprocess.Popen(command(workdir, extra), cwd=REPO, env=env(fault, cache_dir),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
     _, stderr = process.communicate(timeout=kill_at if kill_at is not None else timeout)
   except subprocess.TimeoutExpired:
-    if kill_at is None:
-      process.kill()
-      raise
-    process.send_signal(signal.SIGKILL)
+    process.kill()
     _, stderr = process.communicate()
+    if kill_at is None:
+      raise
   return process.returncode, stderr, time.perf_counter() - begin
 
 
@@ -172,24 +174,25 @@ def final_digest(workdir: str, step: int = 8) -> str:
   return digest.hexdigest()
 
 
-def steps_trained(stderr_or_metrics_dir: str) -> int:
+def steps_trained(workdir: str) -> int:
   """Highest step logged in WORKDIR/metrics.jsonl (steps are logged every 2)."""
   import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(stderr_or_metrics_dir, "metrics.jsonl")
+  path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return 0
   with open(path, encoding="utf-8") as f:
     return max([json.loads(line)["step"] for line in f if line.strip()] or [0])
 
 
-def kill_trial(workdir: str, fault: str | None = None, kill_at: float | None = None) -> Trial:
-  """Kills one run (by `fault` or from outside at `kill_at` s), then reruns until it finishes."""
-  status, _, _ = run(workdir, fault=fault, kill_at=kill_at)
+def kill_trial(workdir: str, fault: str | None = None, kill_at: float | None = None,
+               extra=(), cache_dir: str | None = None) -> Trial:
+  """Kills one run (by `fault` or from outside at `kill_at` s), then reruns it to the end."""
+  status, _, _ = run(workdir, extra, fault=fault, kill_at=kill_at, cache_dir=cache_dir)
   trained = steps_trained(workdir)
   saved = checkpoint_steps(workdir)
   left = leftovers(workdir)
-  status_resume, stderr, seconds = run(workdir)
-  return Trial(fault=fault or f"external SIGKILL at {kill_at:.2f}s", killed_status=status,
+  status_resume, stderr, seconds = run(workdir, extra, cache_dir=cache_dir)
+  return Trial(fault=fault or f"external SIGKILL at {kill_at:.1f}s", killed_status=status,
                steps_saved_at_kill=saved, leftovers_at_kill=left, resume_status=status_resume,
                resume_seconds=seconds, resume_stderr=stderr[-2000:],
                steps_lost=max(0, trained - max(saved or [0])))
@@ -204,3 +207,81 @@ def random_faults(count: int, seed: int, run_seconds: float) -> list[tuple[str |
   while len(out) < count:
     out.append((None, rng.uniform(0.2, 1.0) * run_seconds))
   return out
+
+
+def free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_pair(workdir: str, extra=(), heartbeat: int = 10, cache_dir: str | None = None,
+               log_dir: str | None = None) -> list[subprocess.Popen]:
+  """The same run as two processes on 127.0.0.1 (jax.distributed + gloo), stderr to files."""
+  port = free_port()
+  args = [*extra, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+          f"--heartbeat_timeout_seconds={heartbeat}"]
+  log_dir = log_dir or workdir + "_logs"
+  os.makedirs(log_dir, exist_ok=True)
+  return [subprocess.Popen([*command(workdir, args), f"--process_id={i}"], cwd=REPO,
+                           env=env(cache_dir=cache_dir), stdout=subprocess.DEVNULL,
+                           stderr=open(os.path.join(log_dir, f"stderr_{i}_{time.time():.0f}"), "w"))
+          for i in range(2)]
+
+
+def dead_peer_trial(workdir: str, extra=(), heartbeat: int = 10, victim: int = 1,
+                    cache_dir: str | None = None, timeout: float = 600) -> dict:
+  """Kills process `victim` once the pair saved its first checkpoint; times the survivor's exit,
+  then restarts both and lets them finish.
+
+  Returns:
+    {"survivor_status", "survivor_seconds" (from the kill to its exit), "survivor_stderr",
+     "restart_statuses", "steps_at_kill", "final_steps"}.
+  """
+  processes = start_pair(workdir, extra, heartbeat, cache_dir)
+  begin = time.perf_counter()
+  while not checkpoint_steps(workdir) and time.perf_counter() - begin < timeout:
+    if any(p.poll() is not None for p in processes):
+      break
+    time.sleep(0.1)
+  steps_at_kill = checkpoint_steps(workdir)
+  processes[victim].kill()
+  killed_at = time.perf_counter()
+  survivor = processes[1 - victim]
+  try:
+    survivor.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    survivor.kill()
+    survivor.wait()
+  survivor_seconds = time.perf_counter() - killed_at
+  processes[victim].wait()
+  with open(survivor.stderr.name if hasattr(survivor.stderr, "name") else os.devnull,
+            encoding="utf-8", errors="replace") as f:
+    survivor_stderr = f.read()
+  restarted = start_pair(workdir, extra, heartbeat, cache_dir)
+  for p in restarted:
+    try:
+      p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+  return {"survivor_status": survivor.returncode, "survivor_seconds": survivor_seconds,
+          "survivor_stderr": survivor_stderr, "restart_statuses": [p.returncode for p in restarted],
+          "steps_at_kill": steps_at_kill, "final_steps": checkpoint_steps(workdir)}
+
+
+def try_mount_tmpfs(path: str, size: str) -> bool:
+  """Mounts a size-limited tmpfs at `path` (needs root); False where that is not permitted."""
+  os.makedirs(path, exist_ok=True)
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                          capture_output=True, check=False)
+  return result.returncode == 0
+
+
+def resize_tmpfs(path: str, size: str) -> None:
+  subprocess.run(["mount", "-o", f"remount,size={size}", path], check=True, capture_output=True)
+
+
+def unmount(path: str) -> None:
+  subprocess.run(["umount", path], check=False, capture_output=True)

@@ -8,12 +8,16 @@ grain workers or threads, or on where a run was resumed, so a 2-process run sees
 data to a 1-process run, and a resumed run sees the same batches as an uninterrupted one.
 """
 from collections.abc import Iterator
+import os
+import threading
 
 from absl import flags
+from absl import logging
 import grain
 import jax
 import numpy as np
 
+from jaxdiff.data.config import BadRecordError
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetInfo
 from jaxdiff.data.sources import ImageSource
@@ -24,6 +28,8 @@ _SHUFFLE_STREAM = 0x73687566  # Separates the shuffle and flip randomness of one
 _FLIP_STREAM = 0x666C6970
 # The stream is infinite in practice: 2**62 positions are never exhausted.
 _END = 1 << 62
+# Test-only fault injection: the global batch with this index has NaN images (poisons one step).
+POISON_BATCH_ENV = "JAXDIFF_TEST_POISON_BATCH"
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
@@ -68,10 +74,13 @@ class _GlobalPosition:
 class _ReadExample:
   """Reads the (shuffled, maybe flipped) example at a global position."""
 
-  def __init__(self, source: ImageSource, seed: int, random_flip: bool):
+  def __init__(self, source: ImageSource, seed: int, random_flip: bool, skip_bad: bool = False):
     self.source, self.seed, self.random_flip = source, seed, random_flip
     self.num_examples = len(source)
     self._permutations = {}
+    self._skip_bad = skip_bad
+    self._lock = threading.Lock()
+    self.skipped = 0  # bad records replaced in this process (reader threads included)
 
   def _permutation(self, epoch: int) -> np.ndarray:
     permutation = self._permutations.get(epoch)
@@ -84,10 +93,27 @@ class _ReadExample:
 
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     epoch, offset = divmod(position, self.num_examples)
-    example = self.source[int(self._permutation(epoch)[offset])]
+    example = self._read_or_skip(self._permutation(epoch), offset)
     if self.random_flip and flip_bit(self.seed, position):
       example["image"] = np.ascontiguousarray(example["image"][:, ::-1])
     return example
+
+
+  def _read_or_skip(self, permutation: np.ndarray, offset: int) -> dict[str, np.ndarray]:
+    """The example at `offset` of the epoch; with skip_bad, the next readable one after it.
+
+    The replacement depends on the position only, so a resumed run reads the same examples.
+    """
+    for attempt in range(self.num_examples):
+      try:
+        return self.source[int(permutation[(offset + attempt) % self.num_examples])]
+      except BadRecordError as error:
+        if not self._skip_bad:
+          raise
+        with self._lock:
+          self.skipped += 1
+        logging.warning("skipped a bad record: %s", error)
+    raise BadRecordError("every record of the dataset is unreadable")
 
 
 def _to_training_batch(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -114,9 +140,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     self.cfg, self.seed, self.global_batch_size = cfg, seed, global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self._to_global = _GlobalPosition(global_batch_size, self.local_batch_size, process_index)
-    self._read = _ReadExample(source, seed, cfg.random_flip)
+    self._read = _ReadExample(source, seed, cfg.random_flip, cfg.skip_bad_records)
     self._next_batch = 0
     self._iterator = None
+    self._poison_batch = int(os.environ.get(POISON_BATCH_ENV, -1))
 
   def _start(self):
     first = self._next_batch * self.local_batch_size
@@ -138,8 +165,20 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     if self._iterator is None:
       self._iterator = self._start()
     batch = next(self._iterator)
+    if self._next_batch == self._poison_batch:
+      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
     self._next_batch += 1
     return batch
+
+  @property
+  def skipped_records(self) -> int:
+    """Bad records replaced so far in this process (data.skip_bad_records; the offline digits'
+    dropped rows included; not counted inside grain worker processes)."""
+    return self._read.skipped + getattr(self._read.source, "skipped_rows", 0)
+
+  def stats(self) -> dict[str, float]:
+    """{"data/skipped_records": count} when skip_bad_records is on, else {} (for the metrics)."""
+    return {"data/skipped_records": float(self.skipped_records)} if self.cfg.skip_bad_records else {}
 
   def get_state(self) -> dict[str, int]:
     """JSON-able position: the next global batch, and what it means (batch size and seed)."""

@@ -73,12 +73,24 @@ class TfdsSource(ImageSource):
     self.image_size, self.fit = cfg.image_size, cfg.fit
     self._image_key, self._label_key = cfg.image_key, cfg.label_key
     self._where = f"TFDS dataset {cfg.name!r} (split {split!r}, data_dir {_tfds_data_dir(cfg)})"
+    self._split = split
 
   def __len__(self) -> int:
     return len(self._data)
 
   def describe(self, index: int) -> str:
-    return f"record {index} of {self._where}"
+    return f"record {index} of {self._where}, in {self._shard_of(index)}"
+
+  def _shard_of(self, index: int) -> str:
+    """The ArrayRecord file holding record `index` (from the split's file instructions)."""
+    try:
+      for instruction in self._data.dataset_info.splits[self._split].file_instructions:
+        if index < instruction.take:
+          return str(instruction.filename)
+        index -= instruction.take
+    except Exception:  # pylint: disable=broad-exception-caught  (describing only; never fail)
+      pass
+    return "one of its ArrayRecord files"
 
   def _read(self, index):
     example = self._data[index]
@@ -146,7 +158,7 @@ def scan_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
     (paths, labels, class_names); class_names is empty for a folder without class subfolders.
   """
   if not os.path.isdir(folder):
-    raise ValueError(f"DataConfig.folder={folder!r} is not a directory")
+    raise DatasetNotFoundError(f"DataConfig.folder={folder!r} is not a directory")
   top_files = sorted(f for f in os.listdir(folder) if _is_image(os.path.join(folder, f)))
   class_files = {}
   for name in sorted(os.listdir(folder)):
@@ -158,7 +170,7 @@ def scan_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
     raise ValueError(f"DataConfig.folder={folder!r} holds images both at its top level and in "
                      "class subfolders; move the top-level images into a subfolder")
   if not class_files and not top_files:
-    raise ValueError(f"DataConfig.folder={folder!r} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+    raise DatasetNotFoundError(f"DataConfig.folder={folder!r} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
   if not class_files:
     return [os.path.join(folder, f) for f in top_files], [0] * len(top_files), []
   paths, labels = [], []

@@ -34,6 +34,9 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for an explicit multi-process launch.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100, "Several processes: a peer silent this long is dead, and "
+    "every process exits (JAX: 'another task died') instead of waiting in a collective.")
 
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 143
@@ -47,7 +50,10 @@ def _fail(message: str, status: int = EXIT_ERROR) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that reports a bad flag, config file or override on one line (exit 2)."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.get("seed")  # a config file that failed to load raises only when used
+    return remaining
   except Exception as error:  # pylint: disable=broad-exception-caught
     # config_flags raises KeyError/AttributeError/ValueError for a bad override or config file.
     text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
@@ -67,9 +73,10 @@ def initialize_distributed() -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT.value)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
 
 
 def main(argv: list[str]) -> None:
@@ -87,12 +94,12 @@ def main(argv: list[str]) -> None:
   initialize_distributed()
   # Imported here so that flag errors are reported without importing JAX.
   from jaxdiff.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from jaxdiff.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  from jaxdiff.data import BadRecordError, DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   from jaxdiff.eval import ReferenceFileError, WeightsError  # pylint: disable=g-import-not-at-top
   from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DatasetNotFoundError, checkpoint.CheckpointError,
+  except (ConfigError, DatasetNotFoundError, BadRecordError, checkpoint.CheckpointError,
           loop.TrainingError, ReferenceFileError, WeightsError) as error:
     _fail(str(error))
   except loop.Preempted as preempted:

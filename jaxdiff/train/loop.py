@@ -221,6 +221,7 @@ def _loop(run: Run, workdir: str, manager, writer, guard, state, iterator, resol
       bar.update(k)
       if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
         _log(history, writer, timer, step, cfg.train.batch_size, bar)
+        writer.write(step, iterator.stats())
       if preview is not None and step % cfg.train.sample_every == 0:
         with timer.paused():
           _save_preview(preview, state, workdir, writer, step, cfg)
