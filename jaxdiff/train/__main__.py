@@ -12,8 +12,10 @@ Several hosts (TPU VM pods, GPU clusters): start the same command on every host 
 On CPU, processes communicate through gloo.
 
 Exit status: 0 done; 2 a problem that was reported on one line (`error: ...`: bad config or
-flag, missing dataset, unusable checkpoint, NaN loss) and left the workdir's checkpoints
-untouched; 143 stopped by SIGTERM after saving a checkpoint (run again to resume).
+flag, missing dataset, unreadable record, unusable checkpoint, failed save, NaN loss) and left
+the workdir's finished checkpoints untouched; 143 stopped by SIGTERM after saving a checkpoint
+(run again to resume). A killed run resumes from its last finished checkpoint. When a peer
+process dies, the others abort (JAX: "another task died") within --heartbeat_timeout_seconds.
 """
 
 import os
