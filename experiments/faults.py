@@ -10,6 +10,7 @@ load is recorded with it.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import gzip
@@ -28,19 +29,20 @@ import bad_inputs  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fault_harness as harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def sigkill_trials(root: str, cache: str, count: int) -> tuple[list[dict], float]:
+def reference_run(root: str, cache: str) -> tuple[str, float]:
+  """The uninterrupted run (it also fills the compilation cache the trials load from)."""
   reference = os.path.join(root, "reference")
   status, stderr, seconds = harness.run(reference, cache_dir=cache)
   assert status == 0, stderr[-2000:]
-  digest = harness.final_digest(reference)
-  rows = []
-  for i, (fault, kill_at) in enumerate(harness.random_faults(count, 13, 30.0)):
-    workdir = os.path.join(root, f"kill_{i}")
-    trial = harness.kill_trial(workdir, fault, kill_at, cache_dir=cache)
-    same = trial.resume_status == 0 and harness.final_digest(workdir) == digest
-    rows.append({**dataclasses.asdict(trial), "bitwise_equal": same,
-                 "leftovers_after": harness.leftovers(workdir)})
-  return rows, seconds
+  return harness.final_digest(reference), seconds
+
+
+def sigkill_trial(root: str, cache: str, index: int, fault, kill_at, digest: str) -> dict:
+  workdir = os.path.join(root, f"kill_{index}")
+  trial = harness.kill_trial(workdir, fault, kill_at, cache_dir=cache)
+  same = trial.resume_status == 0 and harness.final_digest(workdir) == digest
+  return {**dataclasses.asdict(trial), "bitwise_equal": same,
+          "leftovers_after": harness.leftovers(workdir)}
 
 
 def disk_full(root: str, cache: str) -> list[dict]:
@@ -132,12 +134,41 @@ def corrupt_data(root: str) -> list[dict]:
   return rows
 
 
-def nonfinite(root: str) -> list[dict]:
+def dead_peer(root: str, cache: str) -> dict:
+  peer = harness.dead_peer_trial(os.path.join(root, "pair"), ["--config.train.num_steps=12"],
+                                 heartbeat=10, cache_dir=cache)
+  lines = [l for l in peer["survivor_stderr"].splitlines()
+           if "another task died" in l or "heartbeat" in l.lower()]
+  peer["message"] = lines[0].split("] ", 1)[-1][:240] if lines else "(none)"
+  peer["survivor_stderr"] = ""
+  return peer
+
+
+def bad_input_table(root: str) -> list[dict]:
+  sandbox = os.path.join(root, "sandbox")
+  os.makedirs(sandbox)
+  bad_inputs.make_sandbox(sandbox)
+  bad_inputs.make_checkpoints(sandbox)
+  work = os.path.join(root, "drivers")
+  os.makedirs(work)
+  outcomes = bad_inputs.run_cases(bad_inputs.CASES, sandbox, work)
+  rows = []
+  for name, cli, cli_args, _, _ in bad_inputs.CASES:
+    result = outcomes[name]
+    lines = result["stderr"].strip().splitlines()
+    rows.append({"name": f"`{cli} {' '.join(cli_args)}`".replace("{root}", "SANDBOX"),
+                 "status": result["status"], "one_line": len(lines) == 1,
+                 "unchanged": result["unchanged"],
+                 "message": (lines[-1] if lines else "").replace(sandbox, "SANDBOX")[:300]})
+  return rows
+
+
+def nonfinite(root: str, cache: str) -> list[dict]:
   """A poisoned batch (step 3) with and without train.skip_nonfinite_updates, in subprocesses."""
   rows = []
   for skip in (False, True):
     workdir = os.path.join(root, f"nan_{skip}")
-    env = harness.env()
+    env = harness.env(cache_dir=cache)
     env["JAXDIFF_TEST_POISON_BATCH"] = "2"
     import subprocess  # pylint: disable=g-import-not-at-top
     process = subprocess.run(
@@ -244,7 +275,8 @@ def _sanitise(value, root: str):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--trials", type=int, default=12)
+  parser.add_argument("--trials", type=int, default=10)
+  parser.add_argument("--parallel", type=int, default=8, help="Trials run at the same time.")
   parser.add_argument("--out", default=os.path.join(REPO, "docs", "reliability.md"))
   parser.add_argument("--skip_peer", action="store_true")
   parser.add_argument("--results", default=os.path.join(REPO, "experiments", "results",
@@ -264,37 +296,24 @@ def main() -> None:
   root = tempfile.mkdtemp(prefix="jaxdiff_faults_")
   cache = os.path.join(root, "jax_cache")
   try:
-    kills, reference_seconds = sigkill_trials(root, cache, args.trials)
-    print(f"sigkill trials done ({time.perf_counter() - begin:.0f} s)", flush=True)
-    disk = disk_full(root, cache)
-    corrupt = corrupt_data(os.path.join(root, "corrupt"))
-    nan = nonfinite(root)
-    peer = None
-    if not args.skip_peer:
-      peer = harness.dead_peer_trial(os.path.join(root, "pair"), ["--config.train.num_steps=12"],
-                                     heartbeat=10, cache_dir=cache)
-      lines = [l for l in peer["survivor_stderr"].splitlines() if "another task died" in l or
-               "heartbeat" in l.lower()]
-      peer["message"] = (lines[0].split("] ", 1)[-1][:240] if lines else "(none)")
-    print(f"other faults done ({time.perf_counter() - begin:.0f} s)", flush=True)
-    sandbox = os.path.join(root, "sandbox")
-    os.makedirs(sandbox)
-    bad_inputs.make_sandbox(sandbox)
-    bad_inputs.make_checkpoints(sandbox)
-    work = os.path.join(root, "drivers")
-    os.makedirs(work)
-    outcomes = bad_inputs.run_cases(bad_inputs.CASES, sandbox, work)
-    bad = []
-    for name, cli, cli_args, _, _ in bad_inputs.CASES:
-      result = outcomes[name]
-      lines = result["stderr"].strip().splitlines()
-      bad.append({"name": f"`{cli} {' '.join(cli_args)}`".replace("{root}", "SANDBOX")
-                  .replace("|", "\\|"), "status": result["status"],
-                  "one_line": len(lines) == 1, "unchanged": result["unchanged"],
-                  "message": (lines[-1] if lines else "").replace(sandbox, "SANDBOX")
-                  .replace("|", "\\|")[:300]})
+    # The trials run side by side (they are subprocesses that mostly wait on a shared CPU).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
+      reference = pool.submit(reference_run, root, cache)
+      bad_future = pool.submit(bad_input_table, root)
+      corrupt = corrupt_data(os.path.join(root, "corrupt"))
+      digest, reference_seconds = reference.result()
+      print(f"reference done ({time.perf_counter() - begin:.0f} s)", flush=True)
+      kill_futures = [pool.submit(sigkill_trial, root, cache, i, fault, kill_at, digest)
+                      for i, (fault, kill_at) in enumerate(
+                          harness.random_faults(args.trials, 13, reference_seconds))]
+      disk_future = pool.submit(disk_full, root, cache)
+      nan_future = pool.submit(nonfinite, root, cache)
+      peer_future = None if args.skip_peer else pool.submit(dead_peer, root, cache)
+      kills = [f.result() for f in kill_futures]
+      disk, nan, bad = disk_future.result(), nan_future.result(), bad_future.result()
+      peer = peer_future.result() if peer_future else None
     clean = lambda x: _sanitise(x, root)
-    kills, disk, corrupt, peer, nan = map(clean, (kills, disk, corrupt, peer, nan))
+    kills, disk, corrupt, peer, nan, bad = map(clean, (kills, disk, corrupt, peer, nan, bad))
     info["seconds"] = time.perf_counter() - begin
     info["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     results = dict(info=info, kills=kills, reference_seconds=reference_seconds, disk=disk,

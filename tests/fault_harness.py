@@ -7,6 +7,7 @@ JAXDIFF_FAULT environment variable (read only by RUNNER, never by jaxdiff itself
   compile:DELAY        SIGKILL DELAY seconds after the step's compilation starts
   step:N:DELAY         SIGKILL DELAY seconds after the batches of dispatch N are requested
   save:STEP:DELAY      SIGKILL DELAY seconds after the (asynchronous) save of STEP started
+  finalize:STEP        SIGKILL in the background save of STEP, its files written but not renamed
   enospc:STEP          the save of STEP fails with ENOSPC while writing its files
 
 A trial kills one run, reruns the same command until it exits 0, and compares the final
@@ -59,6 +60,14 @@ elif kind == "save":
       time.sleep(3600)
     return started
   checkpoint.save = save
+elif kind == "finalize":  # every file of the step written, its temporary not yet renamed
+  from orbax.checkpoint._src.path import atomicity
+  original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  async def finalize(self, *a, **k):
+    if self._final_path.name == args[0]:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await original_finalize(self, *a, **k)
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
 elif kind == "enospc":  # the background write of one item fails, as on a full disk
   import orbax.checkpoint as ocp
   class FullDisk:
@@ -202,7 +211,7 @@ def random_faults(count: int, seed: int, run_seconds: float) -> list[tuple[str |
   """A reproducible mix: kills in compile, mid-step, in async saves, and at random times."""
   rng = random.Random(seed)
   fixed = [("compile:0.3", None), ("step:3:0.01", None), ("save:2:0", None),
-           ("save:4:0.02", None), ("save:6:0.005", None)]
+           ("finalize:4", None), ("save:4:0.02", None), ("save:6:0.005", None)]
   out = list(fixed[:count])
   while len(out) < count:
     out.append((None, rng.uniform(0.2, 1.0) * run_seconds))

@@ -47,14 +47,14 @@ def _one_line_error(stderr: str) -> str:
 # ----------------------------------------------------------------------------------- SIGKILL
 @pytest.fixture(scope="module")
 def quick_kill(tmp_path_factory, cache_dir):
-  """A 4-step reference run and, alongside, the same run SIGKILLed while step 2 is written in
-  the background; then the rerun."""
+  """A 4-step reference run and, alongside, the same run SIGKILLed inside the background save of
+  step 2 (its files written, the temporary directory not yet renamed); then the rerun."""
   import subprocess  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("quick_kill")
   reference = subprocess.Popen(harness.command(str(root / "reference"), QUICK), cwd=harness.REPO,
                                env=harness.env(cache_dir=cache_dir), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-  trial = harness.kill_trial(str(root / "killed"), "save:2:0", extra=QUICK, cache_dir=cache_dir)
+  trial = harness.kill_trial(str(root / "killed"), "finalize:2", extra=QUICK, cache_dir=cache_dir)
   _, stderr = reference.communicate(timeout=900)
   assert reference.returncode == 0, stderr[-3000:]
   return root, trial

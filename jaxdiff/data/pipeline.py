@@ -98,6 +98,11 @@ class _ReadExample:
       example["image"] = np.ascontiguousarray(example["image"][:, ::-1])
     return example
 
+  def __getstate__(self):  # grain pickles the reader into its worker processes
+    return {**self.__dict__, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
   def _read_or_skip(self, permutation: np.ndarray, offset: int) -> dict[str, np.ndarray]:
     """The example at `offset` of the epoch; with skip_bad, the next readable one after it.
@@ -178,7 +183,9 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
   def stats(self) -> dict[str, float]:
     """{"data/skipped_records": count} when skip_bad_records is on, else {} (for the metrics)."""
-    return {"data/skipped_records": float(self.skipped_records)} if self.cfg.skip_bad_records else {}
+    if not self.cfg.skip_bad_records:
+      return {}
+    return {"data/skipped_records": float(self.skipped_records)}
 
   def get_state(self) -> dict[str, int]:
     """JSON-able position: the next global batch, and what it means (batch size and seed)."""
