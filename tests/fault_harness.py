@@ -233,10 +233,16 @@ def start_pair(workdir: str, extra=(), heartbeat: int = 10, cache_dir: str | Non
           f"--heartbeat_timeout_seconds={heartbeat}"]
   log_dir = log_dir or workdir + "_logs"
   os.makedirs(log_dir, exist_ok=True)
-  return [subprocess.Popen([*command(workdir, args), f"--process_id={i}"], cwd=REPO,
-                           env=env(cache_dir=cache_dir), stdout=subprocess.DEVNULL,
-                           stderr=open(os.path.join(log_dir, f"stderr_{i}_{time.time():.0f}"), "w"))
-          for i in range(2)]
+  processes = []
+  for i in range(2):
+    log = os.path.join(log_dir, f"stderr_{i}_{time.time_ns()}")
+    with open(log, "w", encoding="utf-8") as stderr:
+      process = subprocess.Popen([*command(workdir, args), f"--process_id={i}"], cwd=REPO,
+                                 env=env(cache_dir=cache_dir), stdout=subprocess.DEVNULL,
+                                 stderr=stderr)
+    process.log = log
+    processes.append(process)
+  return processes
 
 
 def dead_peer_trial(workdir: str, extra=(), heartbeat: int = 10, victim: int = 1,
@@ -265,8 +271,7 @@ def dead_peer_trial(workdir: str, extra=(), heartbeat: int = 10, victim: int = 1
     survivor.wait()
   survivor_seconds = time.perf_counter() - killed_at
   processes[victim].wait()
-  with open(survivor.stderr.name if hasattr(survivor.stderr, "name") else os.devnull,
-            encoding="utf-8", errors="replace") as f:
+  with open(survivor.log, encoding="utf-8", errors="replace") as f:
     survivor_stderr = f.read()
   restarted = start_pair(workdir, extra, heartbeat, cache_dir)
   for p in restarted:
