@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import os
 import random
-import signal
 import subprocess
 import sys
 import time

@@ -9,7 +9,6 @@ subprocess harness is tests/fault_harness.py; the bad-input table is tests/bad_i
 import dataclasses
 import gzip
 import os
-import shutil
 import sys
 
 import jax
