@@ -37,7 +37,7 @@ CASES = [
     ("train/unknown model", "train", [f"--config={TRAIN}", "--config.model.name=dit-huge",
                                       "--workdir={root}/new"], "model.name", False),
     ("train/unknown schedule", "train", [f"--config={TRAIN}",
-                                         "--config.diffusion.schedule=quadratic",
+                                         "--config.diffusion.schedule=squiggly",
                                          "--workdir={root}/new"], "diffusion.schedule", False),
     ("train/negative learning rate", "train", [f"--config={TRAIN}",
                                                "--config.optimizer.learning_rate=-1.0",
