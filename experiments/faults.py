@@ -292,12 +292,23 @@ def main() -> None:
   parser.add_argument("--results", default=os.path.join(REPO, "experiments", "results",
                                                         "faults.json"),
                       help="Raw results (JSON), written before the report.")
+  parser.add_argument("--only_bad_inputs", action="store_true",
+                      help="Rerun only the bad-input table into --results and the report.")
   parser.add_argument("--render_only", action="store_true",
                       help="Only rewrite the report from --results.")
   args = parser.parse_args()
-  if args.render_only:
+  if args.render_only or args.only_bad_inputs:
     with open(args.results, encoding="utf-8") as f:
-      write_report(args.out, **json.load(f))
+      results = json.load(f)
+    if args.only_bad_inputs:  # rerun the bad-input table alone, keep the other figures
+      root = tempfile.mkdtemp(prefix="jaxdiff_faults_")
+      try:
+        results["bad"] = _sanitise(bad_input_table(root), root)
+      finally:
+        shutil.rmtree(root, ignore_errors=True)
+      with open(args.results, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    write_report(args.out, **results)
     return
   begin = time.perf_counter()
   info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -49,6 +49,14 @@ def _fail(message: str, status: int = EXIT_ERROR) -> None:
   sys.exit(status)
 
 
+def _fail_now(message: str) -> None:
+  """`_fail` without interpreter teardown: after a failed save, Orbax's writer threads still
+  hold callbacks into a closed event loop, whose tracebacks would follow the one-line error."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(EXIT_ERROR)  # pylint: disable=protected-access
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that reports a bad flag, config file or override on one line (exit 2)."""
   try:
@@ -101,6 +109,8 @@ def main(argv: list[str]) -> None:
   from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)
+  except checkpoint.SaveError as error:
+    _fail_now(str(error))
   except (ConfigError, DatasetNotFoundError, BadRecordError, checkpoint.CheckpointError,
           loop.TrainingError, ReferenceFileError, WeightsError) as error:
     _fail(str(error))

@@ -35,6 +35,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be used (unreadable, or written for another model)."""
 
 
+class SaveError(CheckpointError):
+  """Writing a checkpoint failed (e.g. a full disk); the earlier finished steps are intact."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -126,8 +130,8 @@ def finished_steps(directory: str) -> list[int]:
 
 
 def _save_failed(manager: ocp.CheckpointManager, step: int | None,
-                 error: Exception) -> CheckpointError:
-  if isinstance(error, CheckpointError):
+                 error: Exception) -> SaveError:
+  if isinstance(error, SaveError):
     return error
   # An asynchronous save's error surfaces at a later call: the temporary path names its step.
   found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(error))
@@ -135,7 +139,7 @@ def _save_failed(manager: ocp.CheckpointManager, step: int | None,
   intact = [s for s in finished_steps(str(manager.directory)) if s != step]
   kept = (f"checkpoint step {max(intact)} is intact" if intact else "no earlier checkpoint exists")
   reason = " ".join((str(error).strip().splitlines() or [""])[0].split())[:200]
-  return CheckpointError(
+  return SaveError(
       f"saving checkpoint {'' if step is None else f'step {step} '}in {manager.directory} failed "
       f"({type(error).__name__}: {reason}); {kept}: free space (or fix the cause) and run the "
       "same command again to resume")
