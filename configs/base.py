@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # grain worker processes (0 = read in the main process).
   config.data.num_threads = 4  # Reader threads per process.
   config.data.prefetch = 4  # Batches read ahead per process.
+  config.data.skip_bad_records = False  # Skip and count unreadable records (else stop).
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4  # Peak learning rate (AdamW).
@@ -89,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.log_every = 100  # Steps between metric lines (metrics.jsonl, TensorBoard).
   config.train.sample_every = 10_000  # Steps between sample grids (samples/step_XXXXXX.png); 0 = off.
   config.train.progress_bar = True  # tqdm bar with ETA on process 0.
+  config.train.skip_nonfinite_updates = False  # Drop and count NaN/Inf updates (else stop).
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 5000  # Steps between checkpoints (the last step is always saved).

@@ -39,10 +39,17 @@ def fail(message: Any, status: int = EXIT_ERROR) -> NoReturn:
   sys.exit(status)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports a bad flag, config file or config override on one line."""
+def parse_flags(argv: list[str], validate: Callable[[], Any] | None = None) -> list[str]:
+  """absl flag parsing that reports a bad flag, config file or config override on one line.
+
+  `validate`, if given, runs after parsing (e.g. loading a lazily read config file) and its
+  errors are reported the same way.
+  """
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    if validate is not None:
+      validate()
+    return remaining
   except Exception as error:  # pylint: disable=broad-exception-caught
     # absl raises flags.Error; config_flags also KeyError/AttributeError/ValueError for a bad
     # override or config file.

@@ -67,6 +67,7 @@ class TrainConfig:
   log_every: int
   sample_every: int
   progress_bar: bool
+  skip_nonfinite_updates: bool = False  # absent from checkpoints written before it existed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +130,8 @@ def _section(config_dict: ml_collections.ConfigDict, cls, name: str, **resolved)
       values[field.name] = resolved[field.name]
     elif field.name in section:
       values[field.name] = section[field.name]
+    elif field.default is not dataclasses.MISSING:
+      values[field.name] = field.default
     else:
       _fail(f"{name}.{field.name}", None, "missing from the config; start from configs/base.py")
   return cls(**values)
@@ -235,6 +238,8 @@ def _check_train(config: Config) -> None:
                        ("checkpoint.every_steps", config.checkpoint.every_steps)):
     _check(value >= 0 and value % k == 0, field, value,
            f"use a multiple of train.steps_per_dispatch={k}")
+  _check(isinstance(train.skip_nonfinite_updates, bool), "train.skip_nonfinite_updates",
+         train.skip_nonfinite_updates, "use True or False")
   _check(train.log_every >= 1, "train.log_every", train.log_every, "log at least every N >= 1 steps")
   _check(config.checkpoint.every_steps >= 1, "checkpoint.every_steps",
          config.checkpoint.every_steps, "save at least every N >= 1 steps")

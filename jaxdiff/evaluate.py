@@ -135,5 +135,10 @@ def run(options: EvaluateOptions) -> dict:
 ERRORS = (ValueError, OSError)
 
 
-if __name__ == "__main__":
+def main() -> None:
+  """The program: flags from `EvaluateOptions`, then `run` under the `jaxdiff.cli` convention."""
   cli.main(EvaluateOptions, run, ERRORS)
+
+
+if __name__ == "__main__":
+  main()

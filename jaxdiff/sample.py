@@ -239,7 +239,7 @@ def _quiet_orbax():
   """Drops Orbax's INFO and WARNING records while restoring: it logs dozens of lines per restore
   and warns that a read-only manager is read-only, which would bury the CLI's own output."""
   def keep(record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+    return f"{os.sep}orbax{os.sep}" not in record.pathname  # restore errors are ours to report
 
   absl_logger = std_logging.getLogger("absl")
   absl_logger.addFilter(keep)
@@ -371,5 +371,10 @@ def _write(paths, samples, labels, trajectory, metadata, animate_frames) -> None
 ERRORS = (SampleInputError, FileNotFoundError)
 
 
-if __name__ == "__main__":
+def main() -> None:
+  """The program: flags from `SampleOptions`, then `run` under the `jaxdiff.cli` convention."""
   cli.main(SampleOptions, run, ERRORS)
+
+
+if __name__ == "__main__":
+  main()

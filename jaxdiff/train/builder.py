@@ -112,7 +112,7 @@ def make_step_fn(run: Run) -> Callable[..., tuple[state_lib.TrainState, dict]]:
       run.mesh, run.shardings, apply_fn=run.model.apply, tx=run.tx,
       lr_schedule=run.lr_schedule, schedule=run.schedule, diffusion=config.diffusion,
       conditional=config.model.class_conditional, learn_sigma=config.model.learn_sigma,
-      ema_decays=config.train.ema_decays)
+      ema_decays=config.train.ema_decays, skip_nonfinite=config.train.skip_nonfinite_updates)
 
 
 def make_ema_sampler(run: Run, stream: int, batch_size: int) -> Callable[..., np.ndarray]:

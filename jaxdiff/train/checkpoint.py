@@ -5,13 +5,17 @@ A checkpoint step under `WORKDIR/checkpoints/<step>` holds three items:
   "data"   the data iterator position (JSON),
   "config" the resolved config (JSON): the full ConfigDict, the dataset description and the
            model signature used to refuse a checkpoint written for another model.
-Orbax writes each step into a temporary directory and renames it when complete, so a crash
-mid-save leaves the previous checkpoints intact. Nothing here deletes or rewrites an existing
-step: an unreadable latest checkpoint is reported, not replaced.
+Orbax writes each step into a temporary directory (`<step>.orbax-checkpoint-tmp*`) and renames
+it when complete, so a crash mid-save leaves the previous checkpoints intact; temporaries are
+never listed as steps, and a writable manager deletes the ones a killed run left behind. A save
+that fails (e.g. a full disk) is reported as one CheckpointError naming the intact step. Nothing
+here deletes or rewrites an existing step: an unreadable latest checkpoint is reported, not
+replaced.
 """
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
@@ -31,6 +35,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be used (unreadable, or written for another model)."""
 
 
+class SaveError(CheckpointError):
+  """Writing a checkpoint failed (e.g. a full disk); the earlier finished steps are intact."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -47,7 +55,7 @@ def open_manager(workdir: str, config: CheckpointConfig | None = None, *,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_to_keep if config else None,
       enable_async_checkpointing=bool(config and config.async_save),
-      create=not read_only, read_only=read_only)
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "data", "config"))
 
@@ -92,10 +100,49 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
 
 def save(manager: ocp.CheckpointManager, step: int, state: state_lib.TrainState,
          data_state: dict[str, Any], resolved: dict[str, Any], *, force: bool = False) -> bool:
-  """Starts saving (asynchronously if configured) step `step`; returns whether it saves."""
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-      config=ocp.args.JsonSave(resolved)), force=force)
+  """Starts saving (asynchronously if configured) step `step`; returns whether it saves.
+
+  Raises:
+    CheckpointError: this save, or the previous asynchronous one, failed (e.g. disk full).
+  """
+  try:
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(resolved)), force=force)
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    raise _save_failed(manager, step, error) from None
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Waits for an asynchronous save; CheckpointError (one line) if it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    raise _save_failed(manager, None, error) from None
+
+
+def finished_steps(directory: str) -> list[int]:
+  """Steps whose directory is complete (Orbax renames a step's temporary directory last)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int | None,
+                 error: Exception) -> SaveError:
+  if isinstance(error, SaveError):
+    return error
+  # An asynchronous save's error surfaces at a later call: the temporary path names its step.
+  found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(error))
+  step = int(found.group(1)) if found else step
+  intact = [s for s in finished_steps(str(manager.directory)) if s != step]
+  kept = (f"checkpoint step {max(intact)} is intact" if intact else "no earlier checkpoint exists")
+  reason = " ".join((str(error).strip().splitlines() or [""])[0].split())[:200]
+  return SaveError(
+      f"saving checkpoint {'' if step is None else f'step {step} '}in {manager.directory} failed "
+      f"({type(error).__name__}: {reason}); {kept}: free space (or fix the cause) and run the "
+      "same command again to resume")
 
 
 def _step_path(manager: ocp.CheckpointManager, step: int) -> str:

@@ -135,7 +135,7 @@ def train(config_dict: ml_collections.ConfigDict, workdir: str, *,
   finally:
     session.guard.close()
     writer.close()
-    manager.wait_until_finished()
+    checkpoint.wait_until_finished(manager)
     manager.close()
     iterator.close()
 
@@ -179,6 +179,7 @@ def _loop(session: _Session, state: state_lib.TrainState) -> state_lib.TrainStat
       bar.update(k)
       if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
         _log(history, writer, timer, step, cfg.train.batch_size, bar)
+        writer.write(step, iterator.stats())
       if session.preview is not None and step % cfg.train.sample_every == 0:
         with timer.paused():
           _save_preview(session, state, step)
@@ -192,10 +193,10 @@ def _loop(session: _Session, state: state_lib.TrainState) -> state_lib.TrainStat
           checkpoint.save(manager, step, state, iterator.get_state(), session.resolved,
                           force=True)
       if stop and step < cfg.train.num_steps:
-        manager.wait_until_finished()
+        checkpoint.wait_until_finished(manager)
         raise Preempted(step)
   except metrics_lib.NonFiniteLossError as error:
-    manager.wait_until_finished()
+    checkpoint.wait_until_finished(manager)
     last = manager.latest_step()
     raise TrainingError(
         f"{error.name.removeprefix('train/')} became NaN/Inf at step {error.step}; "

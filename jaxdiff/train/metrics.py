@@ -16,6 +16,8 @@ from jaxdiff.train.step import NUM_TIME_BINS
 
 # Metrics whose non-finite value means the state is no longer trustworthy.
 _WATCHED = ("train/loss", "train/grad_norm")
+# Per-step flag of train.skip_nonfinite_updates: 1.0 where the step dropped a non-finite update.
+SKIPPED = "train/skipped_update"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,11 +40,16 @@ class History:
     self._pending.append((first_step, metrics))
 
   def check_finite(self) -> None:
-    """Raises NonFiniteLossError at the first step whose loss or grad norm is not finite."""
+    """Raises NonFiniteLossError at the first step whose loss or grad norm is not finite.
+
+    Steps whose update was skipped (train.skip_nonfinite_updates) left the state intact and are
+    not errors.
+    """
     for first_step, metrics in self._pending:
+      skipped = np.asarray(jax.device_get(metrics.get(SKIPPED, 0.0))) > 0
       for name in _WATCHED:
         values = np.asarray(jax.device_get(metrics[name]))
-        bad = np.flatnonzero(~np.isfinite(values))
+        bad = np.flatnonzero(~np.isfinite(values) & ~skipped)
         if bad.size:
           raise NonFiniteLossError(name, first_step + int(bad[0]) + 1)
 
@@ -51,7 +58,8 @@ class History:
 
     Returns:
       {name: mean over the steps} with per-quartile loss sums turned into "train/loss_q{q}"
-      means (quartiles never drawn are left out); empty if nothing is pending.
+      means (quartiles never drawn are left out); empty if nothing is pending. With skipped
+      updates, "train/skipped_updates" counts them and the means cover the other steps only.
     """
     self.check_finite()
     if not self._pending:
@@ -59,9 +67,12 @@ class History:
     fetched = jax.device_get([m for _, m in self._pending])
     self._pending = []
     stacked = {k: np.concatenate([np.reshape(m[k], -1) for m in fetched]) for k in fetched[0]}
-    out = {}
+    skipped = stacked.pop(SKIPPED, np.zeros(1)) > 0
+    if SKIPPED in fetched[0]:
+      stacked = {k: v[~skipped] for k, v in stacked.items()}
+    out = {"train/skipped_updates": float(np.sum(skipped))} if SKIPPED in fetched[0] else {}
     for name, values in stacked.items():
-      if not name.endswith(("_sum", "_count")):
+      if not name.endswith(("_sum", "_count")) and values.size:
         out[name] = float(np.mean(values))
     for q in range(NUM_TIME_BINS):
       count = float(np.sum(stacked[f"train/loss_q{q}_count"]))

@@ -28,7 +28,8 @@ NUM_TIME_BINS = 4
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
                apply_fn: Callable[..., jax.Array], tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule, schedule: Schedule, diffusion: DiffusionConfig,
-               conditional: bool, learn_sigma: bool, ema_decays: tuple[float, ...]) -> tuple[TrainState, dict]:
+               conditional: bool, learn_sigma: bool, ema_decays: tuple[float, ...],
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch.
 
   Args:
@@ -43,11 +44,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     conditional: pass the labels to the model (else y=None).
     learn_sigma: the model also outputs the variance interpolation (adds the VLB term).
     ema_decays: EMA rates, matching `state.ema_params`.
+    skip_nonfinite: when the loss or gradient norm is NaN/Inf, keep params, EMA and optimizer
+      state unchanged (the step counter still advances, so the data position does too).
 
   Returns:
     (new state, metrics): scalars "train/loss", "train/grad_norm" (before clipping),
     "train/param_norm", "train/learning_rate", and per timestep quartile q the sum and count of
-    per-example losses ("train/loss_q{q}_sum", "train/loss_q{q}_count").
+    per-example losses ("train/loss_q{q}_sum", "train/loss_q{q}_count"); with `skip_nonfinite`,
+    also "train/skipped_update" (1.0 when this step's update was dropped).
   """
   step_key = jax.random.fold_in(key, state.step)
   x0 = batch["image"]
@@ -77,7 +81,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
              "train/param_norm": optax.global_norm(params),
              "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32)}
   metrics.update(_loss_by_time_bin(per_example, t, schedule.num_timesteps))
+  if skip_nonfinite:
+    new_state, metrics["train/skipped_update"] = _keep_if_nonfinite(state, new_state, metrics)
   return new_state, metrics
+
+
+def _keep_if_nonfinite(old: TrainState, new: TrainState, metrics: dict) -> tuple[TrainState, jax.Array]:
+  """`new` if loss and gradient norm are finite, else `old` with only the step advanced.
+
+  A select on every leaf (not `lax.cond`): both branches are already computed, and a select keeps
+  the state's shardings and donation intact.
+  """
+  finite = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return kept.replace(step=new.step), jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
 
 
 def _loss_by_time_bin(per_example: jax.Array, t: jax.Array, num_timesteps: int) -> dict:
