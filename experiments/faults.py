@@ -112,8 +112,8 @@ def corrupt_data(root: str) -> list[dict]:
     cfg = data.DataConfig(source="folder", folder=folder, image_size=8)
     attempt(f"truncated {extension[1:].upper()} in an image folder", cfg,
             dataclasses.replace(cfg, skip_bad_records=True))
-  import test_data  # pylint: disable=g-import-not-at-top  (registers the test TFDS builder)
-  del test_data
+  import tfds_digits  # pylint: disable=g-import-not-at-top  (registers the test TFDS builder)
+  del tfds_digits
   prepared = sources.prepare_tfds("jaxdiff_test_digits", os.path.join(root, "tfds"))
   shard = next(os.path.join(prepared, f) for f in os.listdir(prepared) if "train.array" in f)
   with open(shard, "r+b") as f:

@@ -198,8 +198,8 @@ def test_malformed_digit_row_is_named_or_dropped_and_counted(tmp_path, monkeypat
 
 
 def test_arrayrecord_shard_cut_short_is_named(tmp_path):
-  import test_data  # pylint: disable=g-import-not-at-top  (registers the 20-digit TFDS builder)
-  del test_data
+  import tfds_digits  # pylint: disable=g-import-not-at-top  (registers the 20-digit TFDS builder)
+  del tfds_digits
   data_dir = str(tmp_path / "tfds")
   prepared = sources.prepare_tfds("jaxdiff_test_digits", data_dir)
   shard = [os.path.join(prepared, f) for f in os.listdir(prepared) if "train.array_record" in f]
