@@ -17,8 +17,11 @@ from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
 
 T = 50
-DIFFUSION = DiffusionConfig(schedule="linear", num_timesteps=T, prediction="eps", loss_type="l2",
-                            huber_delta=0.1, weighting="none", min_snr_gamma=5.0, vlb_weight=1e-3)
+DIFFUSION = DiffusionConfig(
+    objective="ddpm", schedule="linear", num_timesteps=T, prediction="eps", loss_type="l2",
+    huber_delta=0.1, weighting="none", min_snr_gamma=5.0, vlb_weight=1e-3,
+    flow_timestep_sampling="uniform", flow_logit_mean=0.0, flow_logit_std=1.0,
+    flow_mode_scale=1.29, flow_shift=1.0, edm_p_mean=-1.2, edm_p_std=1.2, edm_sigma_data=0.5)
 # eps = 1e-2 keeps g / (|g| + eps) well conditioned for tiny float32 gradients (closed-form test).
 OPTIMIZER = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, decay="constant",
                             end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-2, weight_decay=0.01,
