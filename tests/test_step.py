@@ -1,13 +1,18 @@
 """Tests of jaxdiff.train.step: the jitted train step and its scan over steps.
 
 References: closed-form AdamW/EMA math in NumPy on an independent jax.grad of the loss, k steps in
-one scan against k single steps (the `toy_reference` fixture of tests/conftest.py), and the real
-dit-tiny learning two fixed patterns.
+one scan against k single steps (the `toy_reference` fixture of tests/conftest.py), the flow and
+EDM losses written out by hand from the same keys, and the real dit-tiny learning two fixed
+patterns.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from scipy import stats
 
 from jaxdiff.config import OptimizerConfig
 from jaxdiff.diffusion import diffusion_loss, make_schedule, training_inputs
@@ -15,7 +20,13 @@ from jaxdiff.models import build_model
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
-from toy_training import DECAYS, DIFFUSION, OPTIMIZER, T, ToyDenoiser, run_steps, to_numpy
+from toy_training import (DECAYS, DIFFUSION, OPTIMIZER, T, ToyDenoiser, run_steps, setup,
+                          to_numpy, toy_batch)
+
+FLOW = dataclasses.replace(DIFFUSION, objective="flow", flow_timestep_sampling="logit_normal",
+                           flow_logit_mean=0.3, flow_logit_std=0.8, flow_shift=2.0)
+EDM = dataclasses.replace(DIFFUSION, objective="edm", edm_p_mean=-0.5, edm_p_std=1.5,
+                          edm_sigma_data=0.7)
 
 
 def test_scan_of_k_steps_equals_k_single_steps(toy_reference):
@@ -103,3 +114,64 @@ def test_real_model_loss_drops_well_below_its_initial_value():
   initial, final = np.mean(losses[:10]), np.mean(losses[-50:])
   assert np.isfinite(losses).all()
   assert final < 0.5 * initial, (initial, final)
+
+
+def _flow_loss_by_hand(network, x0, key, config):
+  """Per-example flow-matching loss: t = shift(sigmoid(m + s n)), v = ε - x_0, model at t · T."""
+  key_t, key_noise = jax.random.split(key)
+  t = jax.nn.sigmoid(config.flow_logit_mean + config.flow_logit_std * jax.random.normal(key_t, ()))
+  t = config.flow_shift * t / (1 + (config.flow_shift - 1) * t)
+  noise = jax.random.normal(key_noise, x0.shape)
+  prediction = network((1 - t) * x0 + t * noise, t * T)
+  return jnp.mean((prediction - (noise - x0))**2), t
+
+
+def _edm_loss_by_hand(network, x0, key, config):
+  """Per-example EDM loss (Karras et al. Table 1 and eq. 8) and ln σ."""
+  key_sigma, key_noise = jax.random.split(key)
+  log_sigma = config.edm_p_mean + config.edm_p_std * jax.random.normal(key_sigma, ())
+  sigma, sigma_data = jnp.exp(log_sigma), config.edm_sigma_data
+  x = x0 + sigma * jax.random.normal(key_noise, x0.shape)
+  scale = jnp.sqrt(sigma**2 + sigma_data**2)
+  denoised = (sigma_data**2 / scale**2 * x
+              + sigma * sigma_data / scale * network(x / scale, log_sigma / 4))
+  weight = scale**2 / (sigma * sigma_data)**2
+  return weight * jnp.mean((denoised - x0)**2), log_sigma
+
+
+@pytest.mark.parametrize("config", [FLOW, EDM], ids=["flow", "edm"])
+def test_flow_and_edm_losses_in_the_step_equal_the_losses_written_out(config):
+  mesh = sharding_lib.make_mesh(1, jax.devices()[:1])
+  model = ToyDenoiser()
+  state, fn, _ = setup(model, mesh, diffusion=config)
+  params = to_numpy(state.params)
+  batch = toy_batch(1)
+  key = jax.random.key(7)
+  _, metrics = fn(state, sharding_lib.global_batch(batch, sharding_lib.batch_sharding(mesh, 1)),
+                  jax.device_put(key, sharding_lib.replicated(mesh)))
+
+  step_key = jax.random.fold_in(key, 0)
+  rngs = {"dropout": jax.random.fold_in(step_key, 2**31 - 1)}
+  x0, y = jnp.asarray(batch["image"][0]), jnp.asarray(batch["label"][0])
+
+  @jax.jit
+  def reference():
+    def per_example(i):  # the network sees the whole batch (label dropout is batch-wide)
+      def network(x, timestep):
+        xs = x0.at[i].set(x)
+        ts = jnp.zeros(8).at[i].set(timestep)
+        return model.apply({"params": params}, xs, ts, y, train=True, rngs=rngs)[i]
+      by_hand = _flow_loss_by_hand if config.objective == "flow" else _edm_loss_by_hand
+      return by_hand(network, x0[i], jax.random.fold_in(step_key, i), config)
+    return jax.vmap(per_example)(jnp.arange(8))
+
+  losses, time = jax.device_get(reference())
+  if config.objective == "edm":  # quartiles of σ under its training distribution
+    time = stats.norm.cdf((time.astype(np.float64) - config.edm_p_mean) / config.edm_p_std)
+  np.testing.assert_allclose(float(metrics["train/loss"][0]), losses.mean(), rtol=1e-5)
+  bins = np.minimum((time * 4).astype(int), 3)
+  assert len(set(bins)) > 1  # the per-example losses are told apart
+  for q in range(4):
+    np.testing.assert_allclose(float(metrics[f"train/loss_q{q}_sum"][0]),
+                               losses[bins == q].sum(), rtol=1e-5, atol=1e-6)
+    assert float(metrics[f"train/loss_q{q}_count"][0]) == np.sum(bins == q)

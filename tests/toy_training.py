@@ -52,8 +52,8 @@ def toy_batch(num_batches: int, batch: int = 8, size: int = 8) -> dict[str, np.n
           "label": rng.integers(0, 3, (num_batches, batch)).astype(np.int32)}
 
 
-def setup(model, mesh, min_size=1, conditional=True, size=8):
-  """(initial state, jitted k-step fn) of `model` on `mesh`."""
+def setup(model, mesh, min_size=1, conditional=True, size=8, diffusion=DIFFUSION):
+  """(initial state, jitted k-step fn) of `model` on `mesh`, trained with `diffusion`."""
   tx, lr = state_lib.make_optimizer(OPTIMIZER, num_steps=100)
   init = state_lib.init_params_fn(model, size, 1, conditional)
   create = lambda: state_lib.create_state(init, tx, DECAYS, jax.random.key(0))
@@ -61,19 +61,20 @@ def setup(model, mesh, min_size=1, conditional=True, size=8):
   state = jax.jit(create, out_shardings=shardings)()
   fn = step_lib.jit_train_step(
       mesh, shardings, apply_fn=model.apply, tx=tx, lr_schedule=lr,
-      schedule=make_schedule("linear", T), diffusion=DIFFUSION, conditional=conditional,
+      schedule=make_schedule("linear", T), diffusion=diffusion, conditional=conditional,
       learn_sigma=False, ema_decays=DECAYS)
   return state, fn, shardings
 
 
-def run_steps(mesh, batches, num_dispatches, min_size=1, keep_first=False):
-  """Trains the toy on `batches` [n, B, ...] in `num_dispatches` calls of n/num_dispatches steps.
+def run_steps(mesh, batches, num_dispatches, min_size=1, keep_first=False, diffusion=DIFFUSION):
+  """Trains the toy on `batches` [n, B, ...] in `num_dispatches` calls of n/num_dispatches steps
+  with the objective of `diffusion`.
 
   Returns:
     (final state, losses [n], state shardings, host copies of the states before and after the
     first call if `keep_first`).
   """
-  state, fn, shardings = setup(ToyDenoiser(), mesh, min_size)
+  state, fn, shardings = setup(ToyDenoiser(), mesh, min_size, diffusion=diffusion)
   key = jax.device_put(jax.random.key(7), sharding_lib.replicated(mesh))
   k = batches["image"].shape[0] // num_dispatches
   losses, first = [], []
