@@ -2,9 +2,11 @@
 values are refused with a message that names the field."""
 
 import importlib
+import json
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 from jaxdiff import config as config_lib
@@ -229,3 +231,30 @@ def test_model_fields_follow_the_dataset():
   unconditional = _parse_with(model__class_dropout_prob=0.1)
   fields = config_lib.model_fields(unconditional.model, info)
   assert fields["num_classes"] == 0 and fields["class_dropout_prob"] == 0.0
+
+
+@pytest.mark.slow  # about 50 s: three runs, each compiling a train step and two samplers
+def test_flow_and_edm_configs_train_two_steps_and_their_checkpoints_sample(tmp_path):
+  """The tiny variants through the real loop (EMA preview at step 2) and the sample CLI, on the
+  offline digits at 8x8 so that no dataset has to be prepared."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxdiff import sample  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import loop  # pylint: disable=g-import-not-at-top
+  for name, arg in (("mnist_offline", "tiny,flow"), ("cifar_sit", "tiny"), ("cifar_edm", "tiny")):
+    config = load(name, f"{arg},steps=2")
+    config.data.source, config.data.name, config.data.image_size = "mnist_offline", "", 8
+    config.train.sample_every = 2
+    config.sample.num_images = 2
+    workdir = str(tmp_path / name)
+    assert int(loop.train(config, workdir, devices=jax.devices()[:1]).step) == 2
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if '"train/loss"' in line]
+    assert rows and all(0 < row["train/loss"] < 1e3 for row in rows)
+    assert any(key.startswith("train/loss_q") for key in rows[-1])
+    assert os.listdir(os.path.join(workdir, "samples")), "no EMA preview grid"
+    out = str(tmp_path / f"{name}_samples")
+    paths = sample.run(sample.SampleOptions(workdir=workdir, num_samples=2, batch_size=2, out=out))
+    with np.load(paths["npz"]) as data:
+      assert data["arr_0"].shape == (2, 8, 8, 1) and data["arr_0"].std() > 0
+      assert str(data["method"]) == config.sample.method  # the run's own sampler
+      assert not bool(data["clip_denoised"])
