@@ -3,6 +3,11 @@ r"""Samples images from a training run or a diffusers model folder: grid PNG, AD
   python -m jaxdiff.sample --workdir=runs/cifar_dit --method=ddim --num_steps=50 \
       --num_samples=50000 --batch_size=500 --seed=0
   python -m jaxdiff.sample --diffusers=path/to/ddpm-cifar10 --out=samples/ --animate
+  python -m jaxdiff.sample --workdir=runs/cifar_sit --method=euler_maruyama --num_steps=250
+  python -m jaxdiff.sample --workdir=runs/cifar_edm --num_steps=18 --s_churn=10
+
+A run trained with the flow or EDM objective (config.diffusion.objective) samples with that
+objective's samplers (see `jaxdiff.diffusion.methods_for`).
 
 Writes to --out (default WORKDIR/samples/), with TAG naming the checkpoint, sampler and seed:
   samples_TAG.npz  arr_0: uint8 [N, H, W, C]; arr_1: int labels [N] (class-conditional models);

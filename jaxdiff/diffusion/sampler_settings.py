@@ -35,8 +35,8 @@ class SamplerSettings:
   DDIM's set_alpha_to_one) come with the model (`jaxdiff.sampling.DiffusionModel`).
 
   Attributes:
-    method: sampler name (see `jaxdiff.diffusion.METHODS`); None: the model's own scheduler (a
-      diffusers folder's scheduler config), else ddim.
+    method: sampler name, one of `methods_for(model objective)`; None: the model's own scheduler
+      (a diffusers folder's scheduler config; a flow or EDM run's config), else ddim.
     num_steps: number of sampler steps.
     eta: DDIM stochasticity; 0 is deterministic.
     spacing: timestep grid, leading | linspace | trailing, in the convention of the method's
@@ -57,7 +57,10 @@ class SamplerSettings:
   Spacing, eta, clip_denoised, karras_sigmas and solver_order are for the ddpm objective's
   samplers; the flow and EDM samplers take the guidance settings and their own options.
   """
-  method: str | None = _setting(None, "Sampler; unset: the model's scheduler config, else ddim.")
+  method: str | None = _setting(
+      None, "Sampler (ddpm models: ddim, ddpm, dpmpp_2m, unipc, euler, euler_ancestral, heun; "
+      "flow: euler, heun, euler_maruyama; edm: heun); unset: the model's scheduler config or "
+      "a flow/EDM run's config.sample.method, else ddim.")
   num_steps: int = _setting(50, "Number of sampler steps.")
   eta: float = _setting(0.0, "DDIM eta (0 = deterministic).")
   spacing: str | None = _setting(
