@@ -2,15 +2,13 @@
 (data=4 and data=2 x fsdp=2; and with the flow-matching objective), and which parameter axis
 fsdp splits."""
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff.train import sharding as sharding_lib
-from toy_training import DIFFUSION, run_steps, to_numpy, toy_batch
+from toy_training import FLOW, run_steps, to_numpy
 
 
 @pytest.mark.parametrize("fsdp", [1, 2])
@@ -32,12 +30,9 @@ def test_same_losses_on_one_and_four_devices_with_data_and_fsdp_sharding(toy_ref
   assert len(set(np.round(reference_losses, 6))) == 3  # the three steps really differ
 
 
-def test_flow_matching_losses_are_the_same_on_one_and_four_devices():
-  flow = dataclasses.replace(DIFFUSION, objective="flow", flow_timestep_sampling="mode")
-  batches = toy_batch(2)
-  _, one, _, _ = run_steps(sharding_lib.make_mesh(1, jax.devices()[:1]), batches, 2,
-                           diffusion=flow)
-  state, four, _, _ = run_steps(sharding_lib.make_mesh(2), batches, 2, diffusion=flow)
+def test_flow_matching_losses_are_the_same_on_one_and_four_devices(flow_reference):
+  batches, _, one, _ = flow_reference
+  state, four, _, _ = run_steps(sharding_lib.make_mesh(2), batches, 2, diffusion=FLOW)
   assert len(jax.devices()) == 4 and len(state.step.sharding.device_set) == 4
   np.testing.assert_allclose(four, one, rtol=0, atol=1e-5)
   assert one[0] != one[1]

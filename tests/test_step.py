@@ -20,11 +20,9 @@ from jaxdiff.models import build_model
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
-from toy_training import (DECAYS, DIFFUSION, OPTIMIZER, T, ToyDenoiser, run_steps, setup,
-                          to_numpy, toy_batch)
+from toy_training import (DECAYS, DIFFUSION, FLOW, OPTIMIZER, T, ToyDenoiser, reference_steps,
+                          run_steps, to_numpy)
 
-FLOW = dataclasses.replace(DIFFUSION, objective="flow", flow_timestep_sampling="logit_normal",
-                           flow_logit_mean=0.3, flow_logit_std=0.8, flow_shift=2.0)
 EDM = dataclasses.replace(DIFFUSION, objective="edm", edm_p_mean=-0.5, edm_p_std=1.5,
                           edm_sigma_data=0.7)
 
@@ -116,57 +114,50 @@ def test_real_model_loss_drops_well_below_its_initial_value():
   assert final < 0.5 * initial, (initial, final)
 
 
-def _flow_loss_by_hand(network, x0, key, config):
-  """Per-example flow-matching loss: t = shift(sigmoid(m + s n)), v = ε - x_0, model at t · T."""
-  key_t, key_noise = jax.random.split(key)
-  t = jax.nn.sigmoid(config.flow_logit_mean + config.flow_logit_std * jax.random.normal(key_t, ()))
+def _flow_losses_by_hand(network, x0, keys, config):
+  """Per-example flow-matching losses [B]: t = shift(sigmoid(m + s n)), v = ε - x_0, model at t·T."""
+  draws = [jax.random.split(key) for key in keys]
+  n = jnp.stack([jax.random.normal(k[0], ()) for k in draws])
+  t = jax.nn.sigmoid(config.flow_logit_mean + config.flow_logit_std * n)
   t = config.flow_shift * t / (1 + (config.flow_shift - 1) * t)
-  noise = jax.random.normal(key_noise, x0.shape)
-  prediction = network((1 - t) * x0 + t * noise, t * T)
-  return jnp.mean((prediction - (noise - x0))**2), t
+  noise = jnp.stack([jax.random.normal(k[1], x0.shape[1:]) for k in draws])
+  tt = t[:, None, None, None]
+  prediction = network((1 - tt) * x0 + tt * noise, t * T)
+  return jnp.mean((prediction - (noise - x0))**2, axis=(1, 2, 3)), t
 
 
-def _edm_loss_by_hand(network, x0, key, config):
-  """Per-example EDM loss (Karras et al. Table 1 and eq. 8) and ln σ."""
-  key_sigma, key_noise = jax.random.split(key)
-  log_sigma = config.edm_p_mean + config.edm_p_std * jax.random.normal(key_sigma, ())
+def _edm_losses_by_hand(network, x0, keys, config):
+  """Per-example EDM losses [B] (Karras et al. Table 1 and eq. 8) and ln σ [B]."""
+  draws = [jax.random.split(key) for key in keys]
+  log_sigma = config.edm_p_mean + config.edm_p_std * jnp.stack(
+      [jax.random.normal(k[0], ()) for k in draws])
   sigma, sigma_data = jnp.exp(log_sigma), config.edm_sigma_data
-  x = x0 + sigma * jax.random.normal(key_noise, x0.shape)
-  scale = jnp.sqrt(sigma**2 + sigma_data**2)
-  denoised = (sigma_data**2 / scale**2 * x
-              + sigma * sigma_data / scale * network(x / scale, log_sigma / 4))
-  weight = scale**2 / (sigma * sigma_data)**2
-  return weight * jnp.mean((denoised - x0)**2), log_sigma
+  s = sigma[:, None, None, None]
+  x = x0 + s * jnp.stack([jax.random.normal(k[1], x0.shape[1:]) for k in draws])
+  scale = jnp.sqrt(s**2 + sigma_data**2)
+  denoised = sigma_data**2 / scale**2 * x + s * sigma_data / scale * network(x / scale,
+                                                                            log_sigma / 4)
+  weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
+  return weight * jnp.mean((denoised - x0)**2, axis=(1, 2, 3)), log_sigma
 
 
-@pytest.mark.parametrize("config", [FLOW, EDM], ids=["flow", "edm"])
-def test_flow_and_edm_losses_in_the_step_equal_the_losses_written_out(config):
-  mesh = sharding_lib.make_mesh(1, jax.devices()[:1])
-  model = ToyDenoiser()
-  state, fn, _ = setup(model, mesh, diffusion=config)
-  params = to_numpy(state.params)
-  batch = toy_batch(1)
-  key = jax.random.key(7)
-  _, metrics = fn(state, sharding_lib.global_batch(batch, sharding_lib.batch_sharding(mesh, 1)),
-                  jax.device_put(key, sharding_lib.replicated(mesh)))
-
-  step_key = jax.random.fold_in(key, 0)
+@pytest.mark.parametrize("objective", ["flow", "edm"])
+def test_flow_and_edm_losses_in_the_step_equal_the_losses_written_out(objective, request):
+  if objective == "flow":
+    config = FLOW
+    batches, _, _, (states, metrics) = request.getfixturevalue("flow_reference")
+  else:
+    config = EDM
+    batches, _, _, (states, metrics) = reference_steps(1, EDM)
+  before, model = states[0], ToyDenoiser()  # the state before the first step
+  step_key = jax.random.fold_in(jax.random.key(7), 0)  # run_steps' key, step 0
   rngs = {"dropout": jax.random.fold_in(step_key, 2**31 - 1)}
-  x0, y = jnp.asarray(batch["image"][0]), jnp.asarray(batch["label"][0])
-
-  @jax.jit
-  def reference():
-    def per_example(i):  # the network sees the whole batch (label dropout is batch-wide)
-      def network(x, timestep):
-        xs = x0.at[i].set(x)
-        ts = jnp.zeros(8).at[i].set(timestep)
-        return model.apply({"params": params}, xs, ts, y, train=True, rngs=rngs)[i]
-      by_hand = _flow_loss_by_hand if config.objective == "flow" else _edm_loss_by_hand
-      return by_hand(network, x0[i], jax.random.fold_in(step_key, i), config)
-    return jax.vmap(per_example)(jnp.arange(8))
-
-  losses, time = jax.device_get(reference())
-  if config.objective == "edm":  # quartiles of σ under its training distribution
+  x0, y = jnp.asarray(batches["image"][0]), jnp.asarray(batches["label"][0])
+  network = lambda x, t: model.apply({"params": before.params}, x, t, y, train=True, rngs=rngs)
+  by_hand = _flow_losses_by_hand if objective == "flow" else _edm_losses_by_hand
+  keys = [jax.random.fold_in(step_key, i) for i in range(8)]
+  losses, time = jax.device_get(by_hand(network, x0, keys, config))
+  if objective == "edm":  # quartiles of σ under its training distribution
     time = stats.norm.cdf((time.astype(np.float64) - config.edm_p_mean) / config.edm_p_std)
   np.testing.assert_allclose(float(metrics["train/loss"][0]), losses.mean(), rtol=1e-5)
   bins = np.minimum((time * 4).astype(int), 3)
