@@ -113,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.spacing = ml_collections.FieldReference(None, field_type=str)  # Grid: leading | linspace | trailing; None = the method's diffusers default.
   config.sample.num_images = 64  # Images per grid (labels cycle 0..num_classes-1 if conditional).
   config.sample.guidance_scale = 1.0  # Classifier-free guidance uncond + s * (cond - uncond); 1 = off.
-  config.sample.guidance_interval = ()  # (t_low, t_high): guide only at those timesteps; () = everywhere.
+  config.sample.guidance_interval = ()  # (t_low, t_high): guide only at those model timesteps (flow: t*T; edm: sigma); () = everywhere.
   config.sample.guidance_rescale = 0.0  # CFG rescale phi (Lin et al. 2024); 0 = off.
   config.sample.karras_sigmas = False  # Karras sigmas (dpmpp_2m, unipc, euler, heun).
   config.sample.solver_order = 2  # UniPC order (1-3).

@@ -45,7 +45,7 @@ class SamplerSettings:
       model's source (the training run's config, a scheduler config's clip_sample).
     guidance_scale: classifier-free guidance scale s; None or 1 sample the conditional model.
     guidance_interval: (t_low, t_high): guide only at model timesteps in that interval
-      (Kynkäänniemi et al. 2024); empty: everywhere.
+      (Kynkäänniemi et al. 2024), flow models t · T, EDM models σ; empty: everywhere.
     guidance_rescale: φ of CFG rescale (Lin et al. 2024); 0 is off.
     karras_sigmas: Karras et al. σ (ρ = 7) for dpmpp_2m, unipc, euler and heun.
     solver_order: UniPC's order (1-3).
