@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.overrides.dropout = ml_collections.FieldReference(None, field_type=float)  # U-Net dropout.
 
   config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.objective = "ddpm"  # ddpm (noise schedule, fields below to vlb_weight) | flow (rectified flow, flow_*) | edm (Karras et al., edm_*).
   config.diffusion.schedule = "linear"  # Beta schedule: linear | cosine | scaled_linear.
   config.diffusion.num_timesteps = 1000  # T; timesteps are 0..T-1.
   config.diffusion.prediction = "eps"  # Network target: eps | x0 | v.
@@ -50,6 +51,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.diffusion.weighting = "none"  # Per-timestep loss weight: none | min_snr.
   config.diffusion.min_snr_gamma = 5.0  # gamma of Min-SNR weighting (weighting=min_snr only).
   config.diffusion.vlb_weight = 1e-3  # Weight of the VLB term for the learned variance.
+  config.diffusion.flow_timestep_sampling = "uniform"  # Flow t ~ uniform | logit_normal | mode (SD3 sec. 3.1).
+  config.diffusion.flow_logit_mean = 0.0  # Flow logit_normal: mean of logit(t).
+  config.diffusion.flow_logit_std = 1.0  # Flow logit_normal: std of logit(t).
+  config.diffusion.flow_mode_scale = 1.29  # Flow mode: scale s of the mode density.
+  config.diffusion.flow_shift = 1.0  # Flow timestep shift s t / (1 + (s - 1) t), training and sampling; 1 = none.
+  config.diffusion.edm_p_mean = -1.2  # EDM: mean of ln(sigma) in training.
+  config.diffusion.edm_p_std = 1.2  # EDM: std of ln(sigma) in training.
+  config.diffusion.edm_sigma_data = 0.5  # EDM: data std of the preconditioning and loss weight.
 
   config.data = ml_collections.ConfigDict()  # Mapped field by field onto jaxdiff.data.DataConfig.
   config.data.source = "mnist_offline"  # tfds | folder | mnist_offline (5,000 digits, no download) | latents.
@@ -102,18 +111,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.fsdp_min_size = 2**14  # Params with fewer elements stay replicated.
 
   config.sample = ml_collections.ConfigDict()
-  config.sample.method = "ddim"  # Sampler for grids during training: ddpm | ddim | dpmpp_2m | unipc | euler | euler_ancestral | heun.
+  config.sample.method = "ddim"  # Sampler for grids during training: ddpm | ddim | dpmpp_2m | unipc | euler | euler_ancestral | heun; flow: euler | heun | euler_maruyama; edm: heun.
   config.sample.num_steps = 50  # Sampler steps.
   config.sample.eta = 0.0  # DDIM eta (0 = deterministic).
   config.sample.spacing = ml_collections.FieldReference(None, field_type=str)  # Grid: leading | linspace | trailing; None = the method's diffusers default.
   config.sample.num_images = 64  # Images per grid (labels cycle 0..num_classes-1 if conditional).
   config.sample.guidance_scale = 1.0  # Classifier-free guidance uncond + s * (cond - uncond); 1 = off.
-  config.sample.guidance_interval = ()  # (t_low, t_high): guide only at those timesteps; () = everywhere.
+  config.sample.guidance_interval = ()  # (t_low, t_high): guide only at those model timesteps (flow: t*T; edm: sigma); () = everywhere.
   config.sample.guidance_rescale = 0.0  # CFG rescale phi (Lin et al. 2024); 0 = off.
   config.sample.karras_sigmas = False  # Karras sigmas (dpmpp_2m, unipc, euler, heun).
   config.sample.solver_order = 2  # UniPC order (1-3).
+  config.sample.diffusion_scale = 1.0  # Flow euler_maruyama: c of the diffusion g^2(t) = c t (SiT).
+  config.sample.sigma_min = 0.002  # EDM: smallest noise level of the grid.
+  config.sample.sigma_max = 80.0  # EDM: largest noise level of the grid.
+  config.sample.rho = 7.0  # EDM: rho of the noise-level spacing (eq. 5).
+  config.sample.s_churn = 0.0  # EDM: stochastic churn S_churn; 0 = deterministic Heun.
+  config.sample.s_min = 0.0  # EDM: churn only at sigma >= S_min.
+  config.sample.s_max = float("inf")  # EDM: churn only at sigma <= S_max.
+  config.sample.s_noise = 1.0  # EDM: churn noise scale S_noise.
   config.sample.ema_decay = 0.0  # Which EMA params to sample from; 0 = the first of train.ema_decays.
-  config.sample.clip_denoised = True  # Clip predicted x0 to [-1, 1] in each step.
+  config.sample.clip_denoised = True  # Clip predicted x0 to [-1, 1] in each step (ddpm objective).
 
   config.eval = ml_collections.ConfigDict()
   config.eval.fid_every = 0  # Steps between FID evaluations during training; 0 = off.

@@ -12,8 +12,9 @@ from typing import Any, Mapping
 import ml_collections
 
 from jaxdiff.data import DataConfig, DatasetInfo
-from jaxdiff.diffusion import (LOSS_TYPES, METHODS, PREDICTIONS, SCHEDULE_NAMES, SPACINGS,
-                               WEIGHTINGS, SamplerSettings)
+from jaxdiff.diffusion import (LOSS_TYPES, OBJECTIVES, PREDICTIONS, SCHEDULE_NAMES, SPACINGS,
+                               WEIGHTINGS, SamplerSettings, methods_for)
+from jaxdiff.diffusion.flow import TIMESTEP_SAMPLINGS
 
 MODEL_DTYPES = ("float32", "bfloat16")
 DECAYS = ("constant", "cosine")
@@ -35,6 +36,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
+  """The training objective and its options (see configs/base.py for each field's meaning)."""
+  objective: str  # ddpm | flow | edm
   schedule: str
   num_timesteps: int
   prediction: str
@@ -43,6 +46,14 @@ class DiffusionConfig:
   weighting: str
   min_snr_gamma: float
   vlb_weight: float
+  flow_timestep_sampling: str
+  flow_logit_mean: float
+  flow_logit_std: float
+  flow_mode_scale: float
+  flow_shift: float
+  edm_p_mean: float
+  edm_p_std: float
+  edm_sigma_data: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +187,7 @@ def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
       eval=_section(config_dict, EvalConfig, "eval"))
   _check_model(config.model)
   _check_diffusion(config.diffusion)
+  _check_objective(config)
   _check_optimizer(config.optimizer)
   _check_train(config)
   _check_sample(config)
@@ -217,6 +229,35 @@ def _check_diffusion(diffusion: DiffusionConfig) -> None:
          f"choose one of {WEIGHTINGS}")
 
 
+def _check_objective(config: Config) -> None:
+  """Options of the flow and EDM objectives, and the DDPM-only options they cannot take."""
+  diffusion = config.diffusion
+  _check(diffusion.objective in OBJECTIVES, "diffusion.objective", diffusion.objective,
+         f"choose one of {OBJECTIVES}")
+  if diffusion.objective == "ddpm":
+    return
+  uses = f"diffusion.objective={diffusion.objective!r}"
+  _check(not config.model.learn_sigma, "model.learn_sigma", True,
+         f"a learned variance needs the ddpm objective; set it to False with {uses}")
+  _check(diffusion.loss_type == "l2", "diffusion.loss_type", diffusion.loss_type,
+         f"{uses} trains with the l2 loss; use l2")
+  _check(diffusion.weighting == "none", "diffusion.weighting", diffusion.weighting,
+         f"{uses} has its own weighting; use none")
+  if diffusion.objective == "flow":
+    _check(diffusion.flow_timestep_sampling in TIMESTEP_SAMPLINGS,
+           "diffusion.flow_timestep_sampling", diffusion.flow_timestep_sampling,
+           f"choose one of {TIMESTEP_SAMPLINGS}")
+    _check(diffusion.flow_logit_std > 0, "diffusion.flow_logit_std", diffusion.flow_logit_std,
+           "use a positive standard deviation (1.0 as SD3)")
+    _check(diffusion.flow_shift > 0, "diffusion.flow_shift", diffusion.flow_shift,
+           "use a positive shift (1.0 = none; SD3 uses 3.0)")
+  else:
+    _check(diffusion.edm_p_std > 0, "diffusion.edm_p_std", diffusion.edm_p_std,
+           "use a positive standard deviation (1.2 as EDM)")
+    _check(diffusion.edm_sigma_data > 0, "diffusion.edm_sigma_data", diffusion.edm_sigma_data,
+           "use a positive data standard deviation (0.5 as EDM)")
+
+
 def _check_optimizer(optimizer: OptimizerConfig) -> None:
   _check(optimizer.learning_rate > 0, "optimizer.learning_rate", optimizer.learning_rate,
          "use a positive learning rate")
@@ -250,7 +291,12 @@ def _check_train(config: Config) -> None:
 
 def _check_sample(config: Config) -> None:
   sample, sampler = config.sample, config.sample.sampler
-  _check(sampler.method in METHODS, "sample.method", sampler.method, f"choose one of {METHODS}")
+  objective = config.diffusion.objective
+  methods = methods_for(objective)
+  _check(sampler.method in methods, "sample.method", sampler.method,
+         f"diffusion.objective={objective!r} samples with one of {methods}")
+  if objective != "ddpm":
+    _check_continuous_sampler(config)
   _check(sampler.spacing is None or sampler.spacing in SPACINGS, "sample.spacing",
          sampler.spacing, f"choose None (the method's default) or one of {SPACINGS}")
   _check(sampler.solver_order in (1, 2, 3), "sample.solver_order", sampler.solver_order,
@@ -258,8 +304,13 @@ def _check_sample(config: Config) -> None:
   interval = sampler.guidance_interval
   _check(not interval or (len(interval) == 2 and interval[0] <= interval[1]),
          "sample.guidance_interval", interval, "use () or (t_low, t_high) with t_low <= t_high")
-  _check(1 <= sampler.num_steps <= config.diffusion.num_timesteps, "sample.num_steps",
-         sampler.num_steps, f"use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}")
+  if objective == "ddpm":
+    _check(1 <= sampler.num_steps <= config.diffusion.num_timesteps, "sample.num_steps",
+           sampler.num_steps, f"use 1..diffusion.num_timesteps={config.diffusion.num_timesteps}")
+  else:
+    minimum = 2 if objective == "edm" else 1
+    _check(sampler.num_steps >= minimum, "sample.num_steps", sampler.num_steps,
+           f"use {minimum} or more steps")
   _check(sample.num_images >= 1, "sample.num_images", sample.num_images, "use 1 or more")
   _check(sample.ema_decay in config.train.ema_decays, "sample.ema_decay", sample.ema_decay,
          f"use 0 or one of train.ema_decays={config.train.ema_decays}")
@@ -269,6 +320,22 @@ def _check_sample(config: Config) -> None:
     _check(config.model.class_conditional and config.model.class_dropout_prob > 0,
            "sample.guidance_scale", sampler.guidance_scale,
            "guidance needs model.class_conditional=True and model.class_dropout_prob > 0")
+
+
+def _check_continuous_sampler(config: Config) -> None:
+  """The flow and EDM samplers have no timestep grid, eta or Karras option; their own options."""
+  sampler, uses = config.sample.sampler, f"with diffusion.objective={config.diffusion.objective!r}"
+  _check(sampler.spacing is None, "sample.spacing", sampler.spacing, f"leave it None {uses}")
+  _check(sampler.eta == 0, "sample.eta", sampler.eta, f"use 0 {uses} (DDIM only)")
+  _check(not sampler.karras_sigmas, "sample.karras_sigmas", True, f"use False {uses}")
+  if config.diffusion.objective == "flow":
+    _check(sampler.diffusion_scale >= 0, "sample.diffusion_scale", sampler.diffusion_scale,
+           "use 0 or more (1.0 as SiT)")
+    return
+  _check(0 < sampler.sigma_min < sampler.sigma_max, "sample.sigma_min", sampler.sigma_min,
+         f"need 0 < sample.sigma_min < sample.sigma_max={sampler.sigma_max}")
+  _check(sampler.rho > 0, "sample.rho", sampler.rho, "use a positive rho (7 as EDM)")
+  _check(sampler.s_churn >= 0, "sample.s_churn", sampler.s_churn, "use 0 (deterministic) or more")
 
 
 def model_fields(model: ModelConfig, info: DatasetInfo) -> dict[str, Any]:

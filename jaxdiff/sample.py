@@ -3,6 +3,11 @@ r"""Samples images from a training run or a diffusers model folder: grid PNG, AD
   python -m jaxdiff.sample --workdir=runs/cifar_dit --method=ddim --num_steps=50 \
       --num_samples=50000 --batch_size=500 --seed=0
   python -m jaxdiff.sample --diffusers=path/to/ddpm-cifar10 --out=samples/ --animate
+  python -m jaxdiff.sample --workdir=runs/cifar_sit --method=euler_maruyama --num_steps=250
+  python -m jaxdiff.sample --workdir=runs/cifar_edm --num_steps=18 --s_churn=10
+
+A run trained with the flow or EDM objective (config.diffusion.objective) samples with that
+objective's samplers (see `jaxdiff.diffusion.methods_for`).
 
 Writes to --out (default WORKDIR/samples/), with TAG naming the checkpoint, sampler and seed:
   samples_TAG.npz  arr_0: uint8 [N, H, W, C]; arr_1: int labels [N] (class-conditional models);
@@ -31,6 +36,9 @@ from jaxdiff.train import checkpoint
 from jaxdiff.train import sharding as sharding_lib
 
 METHODS = diffusion.METHODS
+# Every objective's sampler names; `check_against_model` checks them against the model's objective.
+ALL_METHODS = tuple(dict.fromkeys(
+    method for objective in diffusion.OBJECTIVES for method in diffusion.methods_for(objective)))
 SPACINGS = diffusion.SPACINGS
 PREDICTIONS = diffusion.PREDICTIONS
 
@@ -85,7 +93,7 @@ def check_options(options: SampleOptions) -> None:
   if not os.path.isdir(source):
     raise SampleInputError(f"{source} is not a directory")
   settings = options.sampler
-  choices = [("method", settings.method, METHODS), ("spacing", settings.spacing, SPACINGS),
+  choices = [("method", settings.method, ALL_METHODS), ("spacing", settings.spacing, SPACINGS),
              ("prediction", options.prediction, PREDICTIONS),
              ("schedule", options.schedule, diffusion.SCHEDULE_NAMES)]
   for name, value, allowed in choices:
@@ -225,13 +233,14 @@ def load_checkpoint_model(options: SampleOptions
   if options.use_ema:
     ema_decay = pick_ema_decay(ema_params, options.ema_decay, config.sample.ema_decay)
     params = ema_params[ema_decay]
-  model = sampling.DiffusionModel.from_module(
-      module, params,
-      diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
-      config.diffusion.prediction,
+  model = sampling.DiffusionModel.from_config(
+      module, params, config.diffusion,
       (config.data.image_size, config.data.image_size, config.data.channels))
+  # Unset --method: ddim for a ddpm run (its samplers are interchangeable), else the run's own.
+  method = "ddim" if model.objective == "ddpm" else config.sample.sampler.method
   return model, {"checkpoint_step": step, "ema_decay": ema_decay}, {
-      "method": "ddim", "clip_denoised": config.sample.sampler.clip_denoised}
+      "method": method,
+      "clip_denoised": model.objective == "ddpm" and config.sample.sampler.clip_denoised}
 
 
 @contextlib.contextmanager
@@ -262,8 +271,15 @@ def pick_ema_decay(ema_params: dict, decay: float | None, default: float) -> flo
 
 
 def check_against_model(options: SampleOptions, model: sampling.DiffusionModel) -> None:
-  """Checks steps, labels and guidance against the loaded model; raises SampleInputError."""
-  if options.sampler.num_steps > model.schedule.num_timesteps:
+  """Checks method, steps, labels and guidance against the loaded model; raises
+  SampleInputError."""
+  methods = diffusion.methods_for(model.objective)
+  if options.sampler.method is not None and options.sampler.method not in methods:
+    raise SampleInputError(f"--method={options.sampler.method!r} cannot sample this "
+                           f"{model.objective} model; choose one of {', '.join(methods)}")
+  if model.objective == "edm" and options.sampler.num_steps < 2:
+    raise SampleInputError(f"--num_steps={options.sampler.num_steps} must be >= 2 for EDM")
+  if model.objective == "ddpm" and options.sampler.num_steps > model.schedule.num_timesteps:
     raise SampleInputError(f"--num_steps={options.sampler.num_steps} exceeds the model's "
                            f"{model.schedule.num_timesteps} diffusion timesteps")
   if model.num_classes == 0:

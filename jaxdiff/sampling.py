@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff import diffusion, images
-from jaxdiff.diffusion import SamplerSettings
+from jaxdiff.config import DiffusionConfig
+from jaxdiff.diffusion import SamplerSettings, edm, flow
 
 # Images in the sample grid PNG and in the reverse-process GIF (the first ones of the run).
 GRID_IMAGES = 64
@@ -43,14 +44,20 @@ class DiffusionModel:
   Attributes:
     module: Flax module called as `module.apply({"params": params}, x, t, y)` (models contract).
     params: its parameters.
-    schedule: the noise schedule it was trained with.
-    prediction: what the network predicts: eps | x0 | v.
+    schedule: the noise schedule it was trained with (ddpm; for flow its num_timesteps is the
+      timestep scale T of the network's input t · T).
+    prediction: what the network predicts: eps | x0 | v (ddpm objective).
     image_shape: (H, W, C) of one sample.
     num_classes: 0 for an unconditional model; the null label is `num_classes`.
     learn_sigma: the network also outputs C variance channels (after the C prediction channels).
     has_null_label: the label `num_classes` means "no label" (needed by guidance).
-    scheduler_kwargs: options of `diffusion.sample` that describe the model's own scheduler (a
-      diffusers scheduler config: steps_offset, set_alpha_to_one, final_sigmas_type, ...).
+    scheduler_kwargs: options of the objective's sampler that describe the model's own scheduler
+      (a diffusers scheduler config: steps_offset, set_alpha_to_one, final_sigmas_type, ...;
+      flow: shift).
+    objective: what it was trained for, one of `diffusion.OBJECTIVES`: ddpm (`diffusion.sample`),
+      flow (a velocity model, `flow.sample_flow`), edm (the network F of the preconditioned
+      denoiser, `edm.sample_edm`).
+    sigma_data: σ_d of the EDM preconditioning (edm objective).
   """
   module: nn.Module
   params: Any
@@ -61,18 +68,32 @@ class DiffusionModel:
   learn_sigma: bool = False
   has_null_label: bool = False
   scheduler_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  objective: str = "ddpm"
+  sigma_data: float = edm.SIGMA_DATA
 
   @classmethod
   def from_module(cls, module: nn.Module, params: Any, schedule: diffusion.Schedule,
                   prediction: str, image_shape: tuple[int, int, int],
-                  scheduler_kwargs: Mapping[str, Any] | None = None) -> "DiffusionModel":
+                  scheduler_kwargs: Mapping[str, Any] | None = None, *, objective: str = "ddpm",
+                  sigma_data: float = edm.SIGMA_DATA) -> "DiffusionModel":
     """Reads the conditioning from a jaxdiff backbone (UNet or DiT: `num_classes`,
     `class_dropout_prob`, `learn_sigma`), whether built from a config or a diffusers folder."""
     return cls(module=module, params=params, schedule=schedule, prediction=prediction,
                image_shape=tuple(image_shape), num_classes=module.num_classes,
                learn_sigma=module.learn_sigma,
                has_null_label=module.num_classes > 0 and module.class_dropout_prob > 0,
-               scheduler_kwargs=dict(scheduler_kwargs or {}))
+               scheduler_kwargs=dict(scheduler_kwargs or {}), objective=objective,
+               sigma_data=sigma_data)
+
+  @classmethod
+  def from_config(cls, module: nn.Module, params: Any, config: DiffusionConfig,
+                  image_shape: tuple[int, int, int]) -> "DiffusionModel":
+    """The model of a training run: schedule, prediction and objective from its config."""
+    scheduler_kwargs = {"shift": config.flow_shift} if config.objective == "flow" else {}
+    return cls.from_module(
+        module, params, diffusion.make_schedule(config.schedule, config.num_timesteps),
+        config.prediction, image_shape, scheduler_kwargs, objective=config.objective,
+        sigma_data=config.edm_sigma_data)
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -134,16 +155,31 @@ def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
         split_keys[:, 0])
     # Guidance is applied by `sample` to the first C output channels only, so learned-variance
     # channels pass through from the conditional half.
-    kwargs = {"variance": "learned" if model.learn_sigma else "fixed_small",
-              **model.scheduler_kwargs, **settings.sample_kwargs()}
-    result = diffusion.sample(
-        _model_fn(model, params, labels, settings.guided), model.schedule, x_T, split_keys[:, 1],
-        prediction=model.prediction, return_trajectory=trajectory, **kwargs)
+    model_fn = _model_fn(model, params, labels, settings.guided)
+    result = _run_sampler(model, settings, model_fn, x_T, split_keys[:, 1], trajectory)
     if trajectory:
       return jnp.moveaxis(result[1], 0, 1)
     return result
 
   return batch_fn
+
+
+def _run_sampler(model: DiffusionModel, settings: SamplerSettings, model_fn, x_T: jax.Array,
+                 keys: jax.Array, trajectory: bool):
+  """The sampler of the model's objective on x_T [B, H, W, C] with per-example keys [B]."""
+  if model.objective == "flow":
+    return flow.sample_flow(model_fn, x_T, keys, num_timesteps=model.schedule.num_timesteps,
+                            return_trajectory=trajectory,
+                            **model.scheduler_kwargs, **settings.flow_kwargs())
+  if model.objective == "edm":
+    return edm.sample_edm(edm.precondition(model_fn, model.sigma_data), x_T, keys,
+                          return_trajectory=trajectory, **settings.edm_kwargs())
+  # Guidance is applied by `sample` to the first C output channels only, so learned-variance
+  # channels pass through from the conditional half.
+  kwargs = {"variance": "learned" if model.learn_sigma else "fixed_small",
+            **model.scheduler_kwargs, **settings.sample_kwargs()}
+  return diffusion.sample(model_fn, model.schedule, x_T, keys, prediction=model.prediction,
+                          return_trajectory=trajectory, **kwargs)
 
 
 def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:

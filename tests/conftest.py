@@ -27,6 +27,14 @@ def toy_reference():
 
 
 @pytest.fixture(scope="session")
+def flow_reference():
+  """Two single steps of the toy with the flow-matching objective on one device (test_step.py,
+  test_sharding.py)."""
+  import toy_training  # pylint: disable=g-import-not-at-top
+  return toy_training.reference_steps(2, toy_training.FLOW)
+
+
+@pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> str:
   """A data_dir holding the prepared `jaxdiff_test_digits` TFDS dataset (tests/tfds_digits.py)."""
   import tfds_digits  # pylint: disable=g-import-not-at-top

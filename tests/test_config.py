@@ -2,9 +2,11 @@
 values are refused with a message that names the field."""
 
 import importlib
+import json
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 from jaxdiff import config as config_lib
@@ -12,7 +14,7 @@ from jaxdiff.data import DatasetInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("base", "cifar_dit", "cifar_unet", "fashion_mnist_unet", "fashion_mnist_dit",
-               "mnist_offline", "unet_vs_dit", "imagenet256_dit")
+               "mnist_offline", "unet_vs_dit", "imagenet256_dit", "cifar_sit", "cifar_edm")
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -76,6 +78,42 @@ def test_cifar_dit_is_class_conditional_with_label_dropout():
   c = config_lib.parse_config(load("cifar_dit"))
   assert c.model.name == "dit-s/2" and c.model.class_conditional
   assert c.model.class_dropout_prob == 0.1 and c.sample.sampler.guidance_scale > 0
+
+
+def test_cifar_sit_is_dit_s2_trained_with_flow_matching():
+  # Ma et al. 2024, sec. 4: linear interpolant, velocity, uniform t, AdamW lr 1e-4 constant,
+  # batch 256, EMA 0.9999, label dropout 0.1; ODE (Heun) or SDE (Euler-Maruyama) sampling.
+  c = config_lib.parse_config(load("cifar_sit"))
+  assert (c.model.name, c.diffusion.objective, c.diffusion.flow_timestep_sampling,
+          c.diffusion.flow_shift) == ("dit-s/2", "flow", "uniform", 1.0)
+  assert (c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.decay,
+          c.optimizer.weight_decay) == (1e-4, 0, "constant", 0.0)
+  assert (c.train.batch_size, c.train.ema_decays) == (256, (0.9999,))
+  assert c.model.class_conditional and c.model.class_dropout_prob == 0.1
+  assert c.sample.sampler.method == "heun"
+  sde = config_lib.parse_config(load("cifar_sit", "sde")).sample.sampler
+  assert (sde.method, sde.num_steps, sde.diffusion_scale) == ("euler_maruyama", 250, 1.0)
+
+
+def test_cifar_edm_is_the_edm_cifar10_recipe():
+  # Karras et al. 2022, Table 1 and Appendix F.1.
+  c = config_lib.parse_config(load("cifar_edm"))
+  d, s = c.diffusion, c.sample.sampler
+  assert (d.objective, d.edm_p_mean, d.edm_p_std, d.edm_sigma_data) == ("edm", -1.2, 1.2, 0.5)
+  assert (s.method, s.num_steps, s.sigma_min, s.sigma_max, s.rho, s.s_churn) == (
+      "heun", 18, 0.002, 80.0, 7.0, 0.0)
+  assert (c.optimizer.learning_rate, c.train.batch_size) == (1e-3, 512)
+  assert c.train.num_steps * 512 == pytest.approx(200e6, rel=1e-5)  # 200 Mimg
+  assert 0.5 ** (512 / 500_000) == pytest.approx(c.train.ema_decays[0], abs=1e-5)  # 0.5 Mimg
+  assert c.model.overrides["dropout"] == 0.13 and not c.model.class_conditional
+
+
+def test_mnist_offline_flow_variant_changes_only_the_objective_and_sampler():
+  ddpm, flow = load("mnist_offline").to_dict(), load("mnist_offline", "flow").to_dict()
+  assert (flow["diffusion"].pop("objective"), ddpm["diffusion"].pop("objective")) == (
+      "flow", "ddpm")
+  assert (flow["sample"].pop("method"), ddpm["sample"].pop("method")) == ("euler", "ddim")
+  assert flow == ddpm
 
 
 def test_fashion_mnist_configs_differ_only_in_the_backbone():
@@ -155,6 +193,27 @@ def _parse_with(name="base", **overrides):
     (dict(data__source="imagenet"), "config.data"),
     (dict(eval__fid_every=-1), "eval.fid_every"),
     (dict(eval__fid_every=100), "eval.reference_stats"),  # FID needs reference statistics
+    (dict(diffusion__objective="score"), "diffusion.objective"),
+    (dict(diffusion__objective="flow"), "sample.method"),  # base's ddim is not a flow sampler
+    (dict(diffusion__objective="edm", sample__method="euler"), "sample.method"),
+    (dict(diffusion__objective="flow", sample__method="euler", model__learn_sigma=True),
+     "model.learn_sigma"),
+    (dict(diffusion__objective="edm", sample__method="heun", model__learn_sigma=True),
+     "model.learn_sigma"),
+    (dict(diffusion__objective="flow", sample__method="euler",
+          diffusion__flow_timestep_sampling="beta"), "diffusion.flow_timestep_sampling"),
+    (dict(diffusion__objective="flow", sample__method="euler", diffusion__flow_shift=0.0),
+     "diffusion.flow_shift"),
+    (dict(diffusion__objective="flow", sample__method="heun", sample__spacing="trailing"),
+     "sample.spacing"),
+    (dict(diffusion__objective="edm", sample__method="heun", diffusion__weighting="min_snr"),
+     "diffusion.weighting"),
+    (dict(diffusion__objective="edm", sample__method="heun", sample__num_steps=1),
+     "sample.num_steps"),
+    (dict(diffusion__objective="edm", sample__method="heun", sample__sigma_min=100.0),
+     "sample.sigma_min"),
+    (dict(diffusion__objective="edm", sample__method="heun", diffusion__edm_sigma_data=0.0),
+     "diffusion.edm_sigma_data"),
 ])
 def test_bad_values_name_the_field(overrides, field):
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
@@ -186,3 +245,30 @@ def test_model_fields_follow_the_dataset():
   unconditional = _parse_with(model__class_dropout_prob=0.1)
   fields = config_lib.model_fields(unconditional.model, info)
   assert fields["num_classes"] == 0 and fields["class_dropout_prob"] == 0.0
+
+
+@pytest.mark.slow  # about 50 s: three runs, each compiling a train step and two samplers
+def test_flow_and_edm_configs_train_two_steps_and_their_checkpoints_sample(tmp_path):
+  """The tiny variants through the real loop (EMA preview at step 2) and the sample CLI, on the
+  offline digits at 8x8 so that no dataset has to be prepared."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxdiff import sample  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import loop  # pylint: disable=g-import-not-at-top
+  for name, arg in (("mnist_offline", "tiny,flow"), ("cifar_sit", "tiny"), ("cifar_edm", "tiny")):
+    config = load(name, f"{arg},steps=2")
+    config.data.source, config.data.name, config.data.image_size = "mnist_offline", "", 8
+    config.train.sample_every = 2
+    config.sample.num_images = 2
+    workdir = str(tmp_path / name)
+    assert int(loop.train(config, workdir, devices=jax.devices()[:1]).step) == 2
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if '"train/loss"' in line]
+    assert rows and all(0 < row["train/loss"] < 1e3 for row in rows)
+    assert any(key.startswith("train/loss_q") for key in rows[-1])
+    assert os.listdir(os.path.join(workdir, "samples")), "no EMA preview grid"
+    out = str(tmp_path / f"{name}_samples")
+    paths = sample.run(sample.SampleOptions(workdir=workdir, num_samples=2, batch_size=2, out=out))
+    with np.load(paths["npz"]) as data:
+      assert data["arr_0"].shape == (2, 8, 8, 1) and data["arr_0"].std() > 0
+      assert str(data["method"]) == config.sample.method  # the run's own sampler
+      assert not bool(data["clip_denoised"])

@@ -134,6 +134,8 @@ def test_bad_inputs_are_rejected_against_the_model():
   schedule = diffusion.make_schedule("linear", 60)
   unconditional = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE)
   no_null = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE, num_classes=3)
+  flow = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE, objective="flow")
+  edm = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE, objective="edm")
   cases = [
       (unconditional, sample.SampleOptions(labels=(1,)), "model is unconditional"),
       (unconditional, sample.SampleOptions(sampler=sampling.SamplerSettings(guidance_scale=2.0)),
@@ -143,6 +145,12 @@ def test_bad_inputs_are_rejected_against_the_model():
       (no_null, sample.SampleOptions(labels=(0, 3)), r"--labels \[3\] out of range"),
       (no_null, sample.SampleOptions(sampler=sampling.SamplerSettings(num_steps=61)),
        "exceeds the model's 60 diffusion timesteps"),
+      (flow, sample.SampleOptions(sampler=sampling.SamplerSettings(method="ddim")),
+       "--method='ddim' cannot sample this flow model; choose one of euler, heun, euler_maruyama"),
+      (edm, sample.SampleOptions(sampler=sampling.SamplerSettings(method="euler")),
+       "--method='euler' cannot sample this edm model; choose one of heun"),
+      (edm, sample.SampleOptions(sampler=sampling.SamplerSettings(num_steps=1)),
+       "--num_steps=1 must be >= 2 for EDM"),
   ]
   for model, options, message in cases:
     with pytest.raises(sample.SampleInputError, match=message):
@@ -150,6 +158,9 @@ def test_bad_inputs_are_rejected_against_the_model():
   # Guidance scale 1 is the conditional model: no null label needed.
   sample.check_against_model(
       sample.SampleOptions(sampler=sampling.SamplerSettings(guidance_scale=1.0)), no_null)
+  # A flow model takes more steps than the DDPM timestep count; euler_maruyama passes the CLI.
+  sample.check_against_model(sample.SampleOptions(sampler=sampling.SamplerSettings(
+      method="euler_maruyama", num_steps=250)), flow)
 
 
 def test_pick_ema_decay():

@@ -1,5 +1,6 @@
 """Tests of jaxdiff.train.sharding: the same toy training steps on 1 device and on 4 devices
-(data=4 and data=2 x fsdp=2), and which parameter axis fsdp splits."""
+(data=4 and data=2 x fsdp=2; and with the flow-matching objective), and which parameter axis
+fsdp splits."""
 
 import jax
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff.train import sharding as sharding_lib
-from toy_training import run_steps, to_numpy
+from toy_training import FLOW, run_steps, to_numpy
 
 
 @pytest.mark.parametrize("fsdp", [1, 2])
@@ -27,6 +28,14 @@ def test_same_losses_on_one_and_four_devices_with_data_and_fsdp_sharding(toy_ref
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                to_numpy(state.ema_params), reference_state.ema_params)
   assert len(set(np.round(reference_losses, 6))) == 3  # the three steps really differ
+
+
+def test_flow_matching_losses_are_the_same_on_one_and_four_devices(flow_reference):
+  batches, _, one, _ = flow_reference
+  state, four, _, _ = run_steps(sharding_lib.make_mesh(2), batches, 2, diffusion=FLOW)
+  assert len(jax.devices()) == 4 and len(state.step.sharding.device_set) == 4
+  np.testing.assert_allclose(four, one, rtol=0, atol=1e-5)
+  assert one[0] != one[1]
 
 
 def test_param_spec_shards_the_largest_divisible_axis():

@@ -1,13 +1,18 @@
 """Tests of jaxdiff.train.step: the jitted train step and its scan over steps.
 
 References: closed-form AdamW/EMA math in NumPy on an independent jax.grad of the loss, k steps in
-one scan against k single steps (the `toy_reference` fixture of tests/conftest.py), and the real
-dit-tiny learning two fixed patterns.
+one scan against k single steps (the `toy_reference` fixture of tests/conftest.py), the flow and
+EDM losses written out by hand from the same keys, and the real dit-tiny learning two fixed
+patterns.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from scipy import stats
 
 from jaxdiff.config import OptimizerConfig
 from jaxdiff.diffusion import diffusion_loss, make_schedule, training_inputs
@@ -15,7 +20,11 @@ from jaxdiff.models import build_model
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
-from toy_training import DECAYS, DIFFUSION, OPTIMIZER, T, ToyDenoiser, run_steps, to_numpy
+from toy_training import (DECAYS, DIFFUSION, FLOW, OPTIMIZER, T, ToyDenoiser, reference_steps,
+                          run_steps, to_numpy)
+
+EDM = dataclasses.replace(DIFFUSION, objective="edm", edm_p_mean=-0.5, edm_p_std=1.5,
+                          edm_sigma_data=0.7)
 
 
 def test_scan_of_k_steps_equals_k_single_steps(toy_reference):
@@ -103,3 +112,57 @@ def test_real_model_loss_drops_well_below_its_initial_value():
   initial, final = np.mean(losses[:10]), np.mean(losses[-50:])
   assert np.isfinite(losses).all()
   assert final < 0.5 * initial, (initial, final)
+
+
+def _flow_losses_by_hand(network, x0, keys, config):
+  """Per-example flow-matching losses [B]: t = shift(sigmoid(m + s n)), v = ε - x_0, model at t·T."""
+  draws = [jax.random.split(key) for key in keys]
+  n = jnp.stack([jax.random.normal(k[0], ()) for k in draws])
+  t = jax.nn.sigmoid(config.flow_logit_mean + config.flow_logit_std * n)
+  t = config.flow_shift * t / (1 + (config.flow_shift - 1) * t)
+  noise = jnp.stack([jax.random.normal(k[1], x0.shape[1:]) for k in draws])
+  tt = t[:, None, None, None]
+  prediction = network((1 - tt) * x0 + tt * noise, t * T)
+  return jnp.mean((prediction - (noise - x0))**2, axis=(1, 2, 3)), t
+
+
+def _edm_losses_by_hand(network, x0, keys, config):
+  """Per-example EDM losses [B] (Karras et al. Table 1 and eq. 8) and ln σ [B]."""
+  draws = [jax.random.split(key) for key in keys]
+  log_sigma = config.edm_p_mean + config.edm_p_std * jnp.stack(
+      [jax.random.normal(k[0], ()) for k in draws])
+  sigma, sigma_data = jnp.exp(log_sigma), config.edm_sigma_data
+  s = sigma[:, None, None, None]
+  x = x0 + s * jnp.stack([jax.random.normal(k[1], x0.shape[1:]) for k in draws])
+  scale = jnp.sqrt(s**2 + sigma_data**2)
+  denoised = sigma_data**2 / scale**2 * x + s * sigma_data / scale * network(x / scale,
+                                                                            log_sigma / 4)
+  weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
+  return weight * jnp.mean((denoised - x0)**2, axis=(1, 2, 3)), log_sigma
+
+
+@pytest.mark.parametrize("objective", ["flow", "edm"])
+def test_flow_and_edm_losses_in_the_step_equal_the_losses_written_out(objective, request):
+  if objective == "flow":
+    config = FLOW
+    batches, _, _, (states, metrics) = request.getfixturevalue("flow_reference")
+  else:
+    config = EDM
+    batches, _, _, (states, metrics) = reference_steps(1, EDM)
+  before, model = states[0], ToyDenoiser()  # the state before the first step
+  step_key = jax.random.fold_in(jax.random.key(7), 0)  # run_steps' key, step 0
+  rngs = {"dropout": jax.random.fold_in(step_key, 2**31 - 1)}
+  x0, y = jnp.asarray(batches["image"][0]), jnp.asarray(batches["label"][0])
+  network = lambda x, t: model.apply({"params": before.params}, x, t, y, train=True, rngs=rngs)
+  by_hand = _flow_losses_by_hand if objective == "flow" else _edm_losses_by_hand
+  keys = [jax.random.fold_in(step_key, i) for i in range(8)]
+  losses, time = jax.device_get(by_hand(network, x0, keys, config))
+  if objective == "edm":  # quartiles of σ under its training distribution
+    time = stats.norm.cdf((time.astype(np.float64) - config.edm_p_mean) / config.edm_p_std)
+  np.testing.assert_allclose(float(metrics["train/loss"][0]), losses.mean(), rtol=1e-5)
+  bins = np.minimum((time * 4).astype(int), 3)
+  assert len(set(bins)) > 1  # the per-example losses are told apart
+  for q in range(4):
+    np.testing.assert_allclose(float(metrics[f"train/loss_q{q}_sum"][0]),
+                               losses[bins == q].sum(), rtol=1e-5, atol=1e-6)
+    assert float(metrics[f"train/loss_q{q}_count"][0]) == np.sum(bins == q)

@@ -5,6 +5,8 @@ for three single steps on one device; tests/conftest.py runs it once per session
 `toy_reference` fixture that the step and sharding tests compare against.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,8 +19,14 @@ from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
 
 T = 50
-DIFFUSION = DiffusionConfig(schedule="linear", num_timesteps=T, prediction="eps", loss_type="l2",
-                            huber_delta=0.1, weighting="none", min_snr_gamma=5.0, vlb_weight=1e-3)
+DIFFUSION = DiffusionConfig(
+    objective="ddpm", schedule="linear", num_timesteps=T, prediction="eps", loss_type="l2",
+    huber_delta=0.1, weighting="none", min_snr_gamma=5.0, vlb_weight=1e-3,
+    flow_timestep_sampling="uniform", flow_logit_mean=0.0, flow_logit_std=1.0,
+    flow_mode_scale=1.29, flow_shift=1.0, edm_p_mean=-1.2, edm_p_std=1.2, edm_sigma_data=0.5)
+# Flow matching with every option away from its default (logit-normal t, shifted).
+FLOW = dataclasses.replace(DIFFUSION, objective="flow", flow_timestep_sampling="logit_normal",
+                           flow_logit_mean=0.3, flow_logit_std=0.8, flow_shift=2.0)
 # eps = 1e-2 keeps g / (|g| + eps) well conditioned for tiny float32 gradients (closed-form test).
 OPTIMIZER = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, decay="constant",
                             end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-2, weight_decay=0.01,
@@ -49,8 +57,8 @@ def toy_batch(num_batches: int, batch: int = 8, size: int = 8) -> dict[str, np.n
           "label": rng.integers(0, 3, (num_batches, batch)).astype(np.int32)}
 
 
-def setup(model, mesh, min_size=1, conditional=True, size=8):
-  """(initial state, jitted k-step fn) of `model` on `mesh`."""
+def setup(model, mesh, min_size=1, conditional=True, size=8, diffusion=DIFFUSION):
+  """(initial state, jitted k-step fn) of `model` on `mesh`, trained with `diffusion`."""
   tx, lr = state_lib.make_optimizer(OPTIMIZER, num_steps=100)
   init = state_lib.init_params_fn(model, size, 1, conditional)
   create = lambda: state_lib.create_state(init, tx, DECAYS, jax.random.key(0))
@@ -58,19 +66,20 @@ def setup(model, mesh, min_size=1, conditional=True, size=8):
   state = jax.jit(create, out_shardings=shardings)()
   fn = step_lib.jit_train_step(
       mesh, shardings, apply_fn=model.apply, tx=tx, lr_schedule=lr,
-      schedule=make_schedule("linear", T), diffusion=DIFFUSION, conditional=conditional,
+      schedule=make_schedule("linear", T), diffusion=diffusion, conditional=conditional,
       learn_sigma=False, ema_decays=DECAYS)
   return state, fn, shardings
 
 
-def run_steps(mesh, batches, num_dispatches, min_size=1, keep_first=False):
-  """Trains the toy on `batches` [n, B, ...] in `num_dispatches` calls of n/num_dispatches steps.
+def run_steps(mesh, batches, num_dispatches, min_size=1, keep_first=False, diffusion=DIFFUSION):
+  """Trains the toy on `batches` [n, B, ...] in `num_dispatches` calls of n/num_dispatches steps
+  with the objective of `diffusion`.
 
   Returns:
     (final state, losses [n], state shardings, host copies of the states before and after the
     first call if `keep_first`).
   """
-  state, fn, shardings = setup(ToyDenoiser(), mesh, min_size)
+  state, fn, shardings = setup(ToyDenoiser(), mesh, min_size, diffusion=diffusion)
   key = jax.device_put(jax.random.key(7), sharding_lib.replicated(mesh))
   k = batches["image"].shape[0] // num_dispatches
   losses, first = [], []
@@ -90,14 +99,14 @@ def to_numpy(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def reference_steps():
-  """Three single steps of the toy on one device.
+def reference_steps(num_steps=3, diffusion=DIFFUSION):
+  """`num_steps` single steps of the toy on one device, trained with `diffusion`.
 
   Returns:
-    (batches, final state on the host, losses [3], (host states before and after the first step,
-    metrics of the first step)).
+    (batches, final state on the host, losses [num_steps], (host states before and after the
+    first step, metrics of the first step)).
   """
-  batches = toy_batch(3)
-  state, losses, _, first = run_steps(sharding_lib.make_mesh(1, jax.devices()[:1]), batches, 3,
-                                      keep_first=True)
+  batches = toy_batch(num_steps)
+  state, losses, _, first = run_steps(sharding_lib.make_mesh(1, jax.devices()[:1]), batches,
+                                      num_steps, keep_first=True, diffusion=diffusion)
   return batches, to_numpy(state), losses, first

@@ -17,6 +17,9 @@ from jaxdiff.diffusion.losses import LOSS_TYPES
 from jaxdiff.diffusion.losses import min_snr_weight
 from jaxdiff.diffusion.losses import training_inputs
 from jaxdiff.diffusion.losses import WEIGHTINGS
+from jaxdiff.diffusion.sampler_settings import EDM_METHODS
+from jaxdiff.diffusion.sampler_settings import methods_for
+from jaxdiff.diffusion.sampler_settings import OBJECTIVES
 from jaxdiff.diffusion.sampler_settings import SamplerSettings
 from jaxdiff.diffusion.sampler_tables import DEFAULT_SPACINGS
 from jaxdiff.diffusion.samplers import METHODS

@@ -127,8 +127,8 @@ def make_ema_sampler(run: Run, stream: int, batch_size: int) -> Callable[..., np
   """
   config = run.config
   ema = state_lib.ema_key(config.sample.ema_decay)
-  model = sampling.DiffusionModel.from_module(
-      run.model, None, run.schedule, config.diffusion.prediction,
+  model = sampling.DiffusionModel.from_config(
+      run.model, None, config.diffusion,
       (run.info.image_size, run.info.image_size, run.info.channels))
   sample_fn = sampling.make_sampler(
       sampling.make_batch_fn(model, config.sample.sampler), run.mesh, batch_size=batch_size,

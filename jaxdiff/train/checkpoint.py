@@ -74,6 +74,8 @@ def model_signature(config: Config, info: DatasetInfo) -> dict[str, Any]:
       "model.class_conditional": config.model.class_conditional,
       "model.class_dropout_prob > 0": config.model.class_dropout_prob > 0,
       "model.learn_sigma": config.model.learn_sigma,
+      # The same weights mean another function under another objective (eps / velocity / EDM).
+      "diffusion.objective": config.diffusion.objective,
       "data.image_size": info.image_size,
       "data.channels": info.channels,
       "dataset num_classes": info.num_classes if config.model.class_conditional else 0,

@@ -5,6 +5,10 @@ example's timestep and noise come from `fold_in(step_key, global_index)`; the mo
 (and label dropout) key is `fold_in(step_key, DROPOUT_STREAM)`, drawn for the whole global batch.
 With partitionable threefry these values are the same on 1 or N devices, so the loss trajectory
 is too (up to reduction order).
+
+`objective_loss` dispatches on `config.diffusion.objective`: ddpm (`diffusion_loss` at integer t),
+flow (`flow.flow_matching_loss`, the model fed t · T) or edm (`edm.edm_loss` of the preconditioned
+network, which receives c_noise = ¼ ln σ as its timestep).
 """
 
 import functools
@@ -16,7 +20,8 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdiff.config import DiffusionConfig
-from jaxdiff.diffusion import Schedule, diffusion_loss, per_example_keys, training_inputs
+from jaxdiff.diffusion import (Schedule, diffusion_loss, edm, flow, per_example_keys,
+                               training_inputs)
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train.state import TrainState, update_ema
 
@@ -57,21 +62,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   x0 = batch["image"]
   labels = batch["label"] if conditional else None
   example_keys = per_example_keys(step_key, jnp.arange(x0.shape[0]))
-  t, noise = training_inputs(schedule, example_keys, x0)
   dropout_key = jax.random.fold_in(step_key, DROPOUT_STREAM)
 
   def loss_fn(params):
     def model_fn(x_t, timesteps):
       return apply_fn({"params": params}, x_t, timesteps, labels, train=True,
                       rngs={"dropout": dropout_key})
-    per_example, _ = diffusion_loss(
-        model_fn, schedule, x0, t, noise, prediction=diffusion.prediction,
-        loss_type=diffusion.loss_type, huber_delta=diffusion.huber_delta,
-        weighting=diffusion.weighting, min_snr_gamma=diffusion.min_snr_gamma,
-        learn_sigma=learn_sigma, vlb_weight=diffusion.vlb_weight)
-    return jnp.mean(per_example), per_example
+    per_example, time = objective_loss(model_fn, x0, example_keys, schedule=schedule,
+                                       diffusion=diffusion, learn_sigma=learn_sigma)
+    return jnp.mean(per_example), (per_example, time)
 
-  (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (per_example, time)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(step=state.step + 1, params=params,
@@ -80,7 +81,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
              "train/param_norm": optax.global_norm(params),
              "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32)}
-  metrics.update(_loss_by_time_bin(per_example, t, schedule.num_timesteps))
+  metrics.update(_loss_by_time_bin(per_example, time))
   if skip_nonfinite:
     new_state, metrics["train/skipped_update"] = _keep_if_nonfinite(state, new_state, metrics)
   return new_state, metrics
@@ -97,9 +98,51 @@ def _keep_if_nonfinite(old: TrainState, new: TrainState, metrics: dict) -> tuple
   return kept.replace(step=new.step), jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
 
 
-def _loss_by_time_bin(per_example: jax.Array, t: jax.Array, num_timesteps: int) -> dict:
-  """Sum and count of per-example losses in each timestep quartile (averaged on the host)."""
-  bins = (t * NUM_TIME_BINS) // num_timesteps
+def objective_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array,
+                   example_keys: jax.Array, *, schedule: Schedule, diffusion: DiffusionConfig,
+                   learn_sigma: bool) -> tuple[jax.Array, jax.Array]:
+  """Draws each example's noise level and noise from its key and returns its loss.
+
+  Args:
+    model_fn: `(x [B, H, W, C], timestep float32 or int32 [B]) -> [B, H, W, C]`, the network.
+    x0: [B, H, W, C] clean images.
+    example_keys: [B] keys, one per example.
+    schedule: the noise schedule (ddpm).
+    diffusion: the objective and its options.
+    learn_sigma: the network also outputs variance channels (ddpm only).
+
+  Returns:
+    (loss [B], time [B] in [0, 1]: where the noise level lies from clean to pure noise; ddpm
+    t / T, flow t, edm the quantile of σ under its training distribution, Φ((ln σ - P_mean) /
+    P_std)).
+  """
+  if diffusion.objective == "flow":
+    t, noise = flow.flow_training_inputs(
+        example_keys, x0, sampling=diffusion.flow_timestep_sampling, shift=diffusion.flow_shift,
+        logit_mean=diffusion.flow_logit_mean, logit_std=diffusion.flow_logit_std,
+        mode_scale=diffusion.flow_mode_scale)
+    loss, _ = flow.flow_matching_loss(model_fn, x0, t, noise,
+                                      num_timesteps=diffusion.num_timesteps)
+    return loss, t
+  if diffusion.objective == "edm":
+    sigma, noise = edm.edm_training_inputs(example_keys, x0, p_mean=diffusion.edm_p_mean,
+                                           p_std=diffusion.edm_p_std)
+    denoiser = edm.precondition(model_fn, diffusion.edm_sigma_data)
+    loss, _ = edm.edm_loss(denoiser, x0, sigma, noise, sigma_data=diffusion.edm_sigma_data)
+    return loss, jax.scipy.special.ndtr((jnp.log(sigma) - diffusion.edm_p_mean) /
+                                        diffusion.edm_p_std)
+  t, noise = training_inputs(schedule, example_keys, x0)
+  loss, _ = diffusion_loss(
+      model_fn, schedule, x0, t, noise, prediction=diffusion.prediction,
+      loss_type=diffusion.loss_type, huber_delta=diffusion.huber_delta,
+      weighting=diffusion.weighting, min_snr_gamma=diffusion.min_snr_gamma,
+      learn_sigma=learn_sigma, vlb_weight=diffusion.vlb_weight)
+  return loss, t / schedule.num_timesteps
+
+
+def _loss_by_time_bin(per_example: jax.Array, time: jax.Array) -> dict:
+  """Sum and count of per-example losses in each quartile of `time` (averaged on the host)."""
+  bins = jnp.minimum((time * NUM_TIME_BINS).astype(jnp.int32), NUM_TIME_BINS - 1)
   out = {}
   for q in range(NUM_TIME_BINS):
     mask = (bins == q).astype(jnp.float32)
