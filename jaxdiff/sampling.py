@@ -6,11 +6,21 @@ index: x_T is drawn from the first half of `split(key_i)` and the sampler's step
 second; the label of sample i is a function of i as well. So the samples for indices [0, n) are
 the same on 1 or 8 devices, for any batch size, and whether n or more samples are drawn.
 
+Latent and text conditioning compose here (Rombach et al. 2022): encode the prompts once ->
+sample latents -> decode. A text-conditioned model (Stable Diffusion) carries a table of P
+encoded prompts (`TextConditioning`); sample i is conditioned on prompt `i % P`, an index that
+travels through the sharded sampler exactly as a class label does, so the contexts themselves
+are never copied per sample. A latent model carries its autoencoder (`LatentDecoder`), which
+decodes inside the jitted batch function: the decoded images leave the devices, sharded like
+the latents, and the decoder's memory is that of one sampler call (lower --batch_size for large
+images).
+
 Every process runs the same global computation over a mesh of all devices (the batch split over
 every mesh axis); the results are gathered to every process.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,16 +34,50 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff import diffusion, images
 from jaxdiff.diffusion import SamplerSettings
+from jaxdiff.models import autoencoder as autoencoder_lib
 
 # Images in the sample grid PNG and in the reverse-process GIF (the first ones of the run).
 GRID_IMAGES = 64
 ANIMATION_IMAGES = 16
 
 # (params, base key data uint32 [2], global indices int32 [B], labels int32 [B])
-#   -> float32 [B, ...].
+#   -> float32 [B, ...]. `params` is `DiffusionModel.sampling_params`; a label is a class or,
+#   for a text-conditioned model, the index of a prompt.
 BatchFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 # (params, labels int [N], base key data uint32 [2], first_index) -> uint8 [N, ...].
 SampleFn = Callable[..., np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentDecoder:
+  """The autoencoder that turns a latent diffusion model's samples into images.
+
+  Attributes:
+    module: the KL autoencoder; its `scaling_factor` / `shift_factor` undo the latent scale.
+    params: its parameters.
+  """
+  module: autoencoder_lib.AutoencoderKL
+  params: Any
+
+  def decode(self, params, z_model: jax.Array) -> jax.Array:
+    """Latents on the diffusion model's scale [B, h, w, c] -> float32 images [B, H, W, C]."""
+    z = autoencoder_lib.unscale_latents(self.module, z_model)
+    return self.module.apply({"params": params}, z, method=self.module.decode)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+  """The encoded prompts of a text-conditioned model; sample i gets prompt `i % P`.
+
+  Attributes:
+    prompts: the P prompts, as given (recorded with the samples).
+    contexts: float32 [P, L, D], the text encoder's output for each prompt.
+    negative_context: float32 [L, D], the negative prompt's (the empty prompt's by default):
+      the unconditional half of classifier-free guidance, as in StableDiffusionPipeline.
+  """
+  prompts: tuple[str, ...]
+  contexts: Any
+  negative_context: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +89,16 @@ class DiffusionModel:
     params: its parameters.
     schedule: the noise schedule it was trained with.
     prediction: what the network predicts: eps | x0 | v.
-    image_shape: (H, W, C) of one sample.
-    num_classes: 0 for an unconditional model; the null label is `num_classes`.
+    image_shape: (H, W, C) of one sample of the diffusion model (latents for a latent model).
+    num_classes: 0 for an unconditional (or text-conditioned) model; the null label is
+      `num_classes`.
     learn_sigma: the network also outputs C variance channels (after the C prediction channels).
     has_null_label: the label `num_classes` means "no label" (needed by guidance).
     scheduler_kwargs: options of `diffusion.sample` that describe the model's own scheduler (a
       diffusers scheduler config: steps_offset, set_alpha_to_one, final_sigmas_type, ...).
+    decoder: the autoencoder of a latent model (samples are decoded to images), or None.
+    text: the prompts of a text-conditioned model, called as `module.apply({"params": p}, x, t,
+      context [B, L, D])`, or None.
   """
   module: nn.Module
   params: Any
@@ -61,6 +109,27 @@ class DiffusionModel:
   learn_sigma: bool = False
   has_null_label: bool = False
   scheduler_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  decoder: LatentDecoder | None = None
+  text: TextConditioning | None = None
+
+  @property
+  def output_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of one output image: decoded for a latent model, else `image_shape`."""
+    if self.decoder is None:
+      return self.image_shape
+    z = jax.ShapeDtypeStruct((1, *self.image_shape), jnp.float32)
+    return tuple(jax.eval_shape(self.decoder.decode, self.decoder.params, z).shape[1:])
+
+  @property
+  def sampling_params(self) -> Any:
+    """What `make_sampler`'s `sample_fn` takes as params: the denoiser's, or for a latent or
+    text-conditioned model {denoiser, decoder, contexts, negative_context}."""
+    if self.decoder is None and self.text is None:
+      return self.params
+    return {"denoiser": self.params,
+            "decoder": None if self.decoder is None else self.decoder.params,
+            "contexts": None if self.text is None else self.text.contexts,
+            "negative_context": None if self.text is None else self.text.negative_context}
 
   @classmethod
   def from_module(cls, module: nn.Module, params: Any, schedule: diffusion.Schedule,
@@ -94,13 +163,44 @@ def example_labels(num_samples: int, labels: Sequence[int], num_classes: int) ->
   return (indices % num_classes).astype(np.int32)
 
 
+def encode_prompts(tokenizer: Callable[[Sequence[str]], np.ndarray], encoder: nn.Module,
+                   encoder_params: Any, prompts: Sequence[str],
+                   negative_prompt: str = "") -> TextConditioning:
+  """Tokenises and encodes the prompts once (StableDiffusionPipeline.encode_prompt, no clip skip).
+
+  Args:
+    tokenizer: prompts [P] -> int token ids [P, L] padded to the encoder's length (e.g.
+      `jaxdiff.text.load_tokenizer`; it truncates over-long prompts with a warning).
+    encoder: a text encoder whose output has a `context` [P, L, D] (`CLIPTextEncoder`).
+    encoder_params: its parameters.
+    prompts: P >= 1 prompts.
+    negative_prompt: the unconditional prompt of guidance ("" as diffusers' default).
+
+  Returns:
+    TextConditioning with float32 contexts [P, L, D] and negative_context [L, D].
+  """
+  if not prompts:
+    raise ValueError("need at least one prompt")
+  ids = tokenizer([*prompts, negative_prompt])
+  contexts = jax.jit(lambda p, i: encoder.apply({"params": p}, i).context)(encoder_params, ids)
+  contexts = np.asarray(contexts, np.float32)
+  return TextConditioning(tuple(prompts), contexts[:-1], contexts[-1])
+
+
 def _model_fn(model: DiffusionModel, params, labels: jax.Array, guided: bool):
   """`(x [B', H, W, C], t [B']) -> prediction` with the labels [B] bound.
 
   With guidance B' = 2B: the first half gets the labels, the second the null label, as
-  `jaxdiff.diffusion.sample` expects.
+  `jaxdiff.diffusion.sample` expects. For a text model the labels index `params["contexts"]`,
+  and the second half gets the negative context.
   """
-  if model.num_classes == 0:
+  bundled = model.text is not None or model.decoder is not None  # see `sampling_params`
+  denoiser_params = params["denoiser"] if bundled else params
+  if model.text is not None:
+    y = params["contexts"][labels]
+    if guided:
+      y = jnp.concatenate([y, jnp.broadcast_to(params["negative_context"], y.shape)])
+  elif model.num_classes == 0:
     y = None
   elif guided:
     y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)])
@@ -108,7 +208,7 @@ def _model_fn(model: DiffusionModel, params, labels: jax.Array, guided: bool):
     y = labels
 
   def model_fn(x, t):
-    return model.module.apply({"params": params}, x, t, y, train=False)
+    return model.module.apply({"params": denoiser_params}, x, t, y, train=False)
 
   return model_fn
 
@@ -124,8 +224,9 @@ def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
 
   Returns:
     `(params, base_key_data [2], indices [B], labels [B]) -> float32 [B, H, W, C]`, or with
-    `trajectory` `[B, F, H, W, C]` (F states x_t from x_T to the final sample). The parameters are
-    an argument rather than a closure so that they are not baked into the executable.
+    `trajectory` `[B, F, H, W, C]` (F states x_t from x_T to the final sample), decoded to images
+    for a latent model. `params` is `model.sampling_params`: an argument rather than a closure so
+    that it is not baked into the executable.
   """
   def batch_fn(params, base_key_data, indices, labels):
     keys = diffusion.per_example_keys(jax.random.wrap_key_data(base_key_data), indices)
@@ -140,10 +241,19 @@ def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
         _model_fn(model, params, labels, settings.guided), model.schedule, x_T, split_keys[:, 1],
         prediction=model.prediction, return_trajectory=trajectory, **kwargs)
     if trajectory:
-      return jnp.moveaxis(result[1], 0, 1)
-    return result
+      return jnp.moveaxis(_decode(model, params, result[1], frames=True), 0, 1)
+    return _decode(model, params, result)
 
   return batch_fn
+
+
+def _decode(model: DiffusionModel, params, z: jax.Array, frames: bool = False) -> jax.Array:
+  """Decodes latents [B, ...] (or trajectory frames [F, B, ...], one frame at a time, so memory
+  does not grow with F); identity for a pixel-space model."""
+  if model.decoder is None:
+    return z
+  decode = functools.partial(model.decoder.decode, params["decoder"])
+  return jax.lax.map(decode, z) if frames else decode(z)
 
 
 def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
