@@ -250,9 +250,6 @@ def load_pipeline_model(options: SampleOptions) -> tuple[sampling.DiffusionModel
     text_model = class_name == "StableDiffusionPipeline"
     if text_model and options.prompt is None and options.prompts is None:
       raise SampleInputError(f"{folder} is a text-to-image pipeline; pass --prompt or --prompts")
-    if not text_model and (options.prompt is not None or options.prompts is not None):
-      raise SampleInputError(f"--prompt/--prompts given but {folder} is a {class_name} (class "
-                             "labels: --labels)")
     schedule, prediction, scheduler_kwargs, defaults = diffusers_scheduler(options)
     parts = pipeline_lib.load_pipeline(folder)
   except (ValueError, FileNotFoundError) as error:
@@ -340,7 +337,11 @@ def check_against_model(options: SampleOptions, model: sampling.DiffusionModel) 
   if options.sampler.num_steps > model.schedule.num_timesteps:
     raise SampleInputError(f"--num_steps={options.sampler.num_steps} exceeds the model's "
                            f"{model.schedule.num_timesteps} diffusion timesteps")
-  if options.negative_prompt is not None and not (model.text and options.sampler.guided):
+  if model.text is None and (options.prompt is not None or options.prompts is not None):
+    raise SampleInputError("--prompt/--prompts need a text-to-image pipeline folder "
+                           "(StableDiffusionPipeline); this model is not text-conditioned")
+  if options.negative_prompt is not None and not (model.text is not None
+                                                  and options.sampler.guided):
     raise SampleInputError("--negative_prompt needs a text-to-image pipeline and --guidance_scale")
   if model.text is not None:
     if options.labels:

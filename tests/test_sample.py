@@ -179,6 +179,10 @@ def test_bad_inputs_are_rejected_before_loading(tmp_path):
       "--labels=3,-1 must be >= 0": sample.SampleOptions(workdir=str(tmp_path), labels=(3, -1)),
       "--guidance_scale=-1": sample.SampleOptions(workdir=str(tmp_path),
                                                   sampler=settings(guidance_scale=-1.0)),
+      "at most one of --prompt and --prompts": sample.SampleOptions(
+          diffusers=str(tmp_path), prompt="a", prompts=str(tmp_path)),
+      "--prompts=nope is not a file": sample.SampleOptions(diffusers=str(tmp_path),
+                                                           prompts="nope"),
   }
   for message, options in cases.items():
     with pytest.raises(sample.SampleInputError, match=message.replace("[", r"\[")):
@@ -189,6 +193,9 @@ def test_bad_inputs_are_rejected_against_the_model():
   schedule = diffusion.make_schedule("linear", 60)
   unconditional = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE)
   no_null = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE, num_classes=3)
+  text_model = sampling.DiffusionModel(
+      None, {}, schedule, "eps", SHAPE,
+      text=sampling.TextConditioning(("a cat",), np.zeros((1, 4, 8)), np.zeros((4, 8))))
   cases = [
       (unconditional, sample.SampleOptions(labels=(1,)), "model is unconditional"),
       (unconditional, sample.SampleOptions(sampler=sampling.SamplerSettings(guidance_scale=2.0)),
@@ -198,10 +205,16 @@ def test_bad_inputs_are_rejected_against_the_model():
       (no_null, sample.SampleOptions(labels=(0, 3)), r"--labels \[3\] out of range"),
       (no_null, sample.SampleOptions(sampler=sampling.SamplerSettings(num_steps=61)),
        "exceeds the model's 60 diffusion timesteps"),
+      (no_null, sample.SampleOptions(prompt="a cat"), "need a text-to-image pipeline"),
+      (text_model, sample.SampleOptions(negative_prompt="dog"), "needs a text-to-image pipeline "
+       "and --guidance_scale"),
+      (text_model, sample.SampleOptions(labels=(1,)), "the model is text-conditioned"),
   ]
   for model, options, message in cases:
     with pytest.raises(sample.SampleInputError, match=message):
       sample.check_against_model(options, model)
+  sample.check_against_model(sample.SampleOptions(
+      negative_prompt="dog", sampler=sampling.SamplerSettings(guidance_scale=7.5)), text_model)
   # Guidance scale 1 is the conditional model: no null label needed.
   sample.check_against_model(
       sample.SampleOptions(sampler=sampling.SamplerSettings(guidance_scale=1.0)), no_null)
