@@ -288,8 +288,9 @@ def make_sampler(batch_fn: BatchFn, mesh: Mesh, *, batch_size: int, params_shard
 
   Returns:
     `sample_fn(params, labels int [N], base_key_data uint32 [2], first_index=0)` -> uint8
-    [N, H, W, C] (`jaxdiff.images.to_uint8` of the samples; [N, F, H, W, C] for a trajectory
-    batch_fn), on every process.
+    [N, H, W, C] (`jaxdiff.images.to_uint8` of the samples, decoded for a latent model;
+    [N, F, H, W, C] for a trajectory batch_fn), on every process. `params` is
+    `model.sampling_params`; `labels` are class labels or, for a text model, prompt indices.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
