@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import DiTPipeline
 from diffusers.pipelines.dit import pipeline_dit
 
 import tiny_pipelines
