@@ -5,12 +5,22 @@ r"""Samples images from a training run or a diffusers model folder: grid PNG, AD
   python -m jaxdiff.sample --diffusers=path/to/ddpm-cifar10 --out=samples/ --animate
   python -m jaxdiff.sample --workdir=runs/cifar_sit --method=euler_maruyama --num_steps=250
   python -m jaxdiff.sample --workdir=runs/cifar_edm --num_steps=18 --s_churn=10
+  python -m jaxdiff.sample --diffusers=path/to/DiT-XL-2-256 --labels=207,360 --guidance_scale=4
+  python -m jaxdiff.sample --diffusers=path/to/stable-diffusion --prompt="a photo of a cat" \
+      --negative_prompt="blurry" --guidance_scale=7.5 --method=dpmpp_2m --num_steps=25
+
+--diffusers takes a model folder (UNet2DModel / DiTTransformer2DModel) or a whole pipeline
+folder (model_index.json): a DiTPipeline (transformer/, vae/, scheduler/) samples latents and
+decodes them with its autoencoder; a StableDiffusionPipeline (unet/, vae/, text_encoder/,
+tokenizer/, scheduler/) does the same conditioned on --prompt or on --prompts=FILE (one prompt
+per line; sample i gets prompt i % P), guided against --negative_prompt (default: empty).
 
 A run trained with the flow or EDM objective (config.diffusion.objective) samples with that
 objective's samplers (see `jaxdiff.diffusion.methods_for`).
 
 Writes to --out (default WORKDIR/samples/), with TAG naming the checkpoint, sampler and seed:
   samples_TAG.npz  arr_0: uint8 [N, H, W, C]; arr_1: int labels [N] (class-conditional models);
+                   text models: prompts [P], prompt_index [N], negative_prompt, prompt_source;
                    plus 0-d metadata arrays method, num_steps, eta, guidance_scale (1 = none), seed,
                    checkpoint_step (-1 for diffusers folders), use_ema, ema_decay (0 = raw
                    params), clip_denoised, spacing, source.
@@ -28,9 +38,11 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxdiff import cli, convert, diffusion, images, sampling
 from jaxdiff.diffusion import SamplerSettings
+from jaxdiff.convert import pipeline as pipeline_lib
 from jaxdiff.convert import scheduler as scheduler_lib
 from jaxdiff.train import checkpoint
 from jaxdiff.train import sharding as sharding_lib
@@ -56,7 +68,8 @@ class SampleOptions:
   """What the CLI was asked to do; each field is the flag of the same name (`jaxdiff.cli`)."""
   workdir: str | None = _option(None, "Training run to sample from (its checkpoints).")
   diffusers: str | None = _option(
-      None, "A diffusers model folder (UNet2DModel / DiTTransformer2DModel) instead.")
+      None, "A diffusers model folder (UNet2DModel / DiTTransformer2DModel) or pipeline "
+      "folder (DiTPipeline / StableDiffusionPipeline) instead.")
   step: int | None = _option(None, "Checkpoint step; default: the latest.")
   schedule: str | None = _option(
       None, "--diffusers without a scheduler config only: beta schedule (default linear).")
@@ -66,13 +79,19 @@ class SampleOptions:
       None, f"--diffusers without a scheduler config only: {' | '.join(PREDICTIONS)} "
       "(default eps).")
   image_size: int | None = _option(
-      None, "--diffusers only: image size; default: config.json sample_size.")
+      None, "--diffusers model folders only: image size; default: config.json sample_size.")
   channels: int | None = _option(
       None, "--diffusers only: image channels; default: config.json in_channels.")
   sampler: SamplerSettings = SamplerSettings()
   labels: tuple[int, ...] = _option(
       (), "Comma-separated class labels, cycled over the samples; empty cycles "
       "0..num_classes-1 (class-conditional models only).")
+  prompt: str | None = _option(None, "Text-to-image pipelines: the prompt of every sample.")
+  prompts: str | None = _option(
+      None, "Text-to-image pipelines: a file of prompts, one per line; sample i gets prompt i % P.")
+  negative_prompt: str | None = _option(
+      None, "Text-to-image pipelines, with --guidance_scale: the unconditional prompt (default "
+      "empty).")
   num_samples: int = _option(64, "Number of samples.")
   batch_size: int = _option(64, "Samples per sampler call, all devices together.")
   seed: int = _option(0, "Sample i uses fold_in(key(seed), i).")
@@ -114,6 +133,10 @@ def check_options(options: SampleOptions) -> None:
                                      or settings.guidance_interval[0] > settings.guidance_interval[1]):
     raise SampleInputError(f"--guidance_interval={settings.guidance_interval} must be two "
                            "timesteps t_low,t_high with t_low <= t_high")
+  if options.prompt is not None and options.prompts is not None:
+    raise SampleInputError("give at most one of --prompt and --prompts (a file)")
+  if options.prompts is not None and not os.path.isfile(options.prompts):
+    raise SampleInputError(f"--prompts={options.prompts} is not a file")
   if options.workdir is not None and (options.schedule or options.num_timesteps
                                       or options.prediction):
     raise SampleInputError("--schedule, --num_timesteps and --prediction are for --diffusers "
@@ -195,6 +218,8 @@ def load_diffusers_model(options: SampleOptions) -> tuple[sampling.DiffusionMode
 
   The image size and channels come from config.json (sample_size, in_channels) unless given.
   """
+  if pipeline_lib.is_pipeline(options.diffusers):
+    return load_pipeline_model(options)
   schedule, prediction, scheduler_kwargs, defaults = diffusers_scheduler(options)
   try:
     module, params = convert.load_diffusers(options.diffusers)
@@ -211,6 +236,52 @@ def load_diffusers_model(options: SampleOptions) -> tuple[sampling.DiffusionMode
   model = sampling.DiffusionModel.from_module(
       module, params, schedule, prediction, (height, width, channels), scheduler_kwargs)
   return model, defaults
+
+
+def read_prompts(options: SampleOptions) -> tuple[tuple[str, ...], str]:
+  """(prompts, source): --prompt, or the non-empty lines of the --prompts file."""
+  if options.prompts is None:
+    return (options.prompt,), "--prompt"
+  with open(options.prompts, encoding="utf-8") as f:
+    prompts = tuple(line.strip() for line in f if line.strip())
+  if not prompts:
+    raise SampleInputError(f"--prompts={options.prompts} holds no prompt (one per line)")
+  return prompts, os.path.abspath(options.prompts)
+
+
+def load_pipeline_model(options: SampleOptions) -> tuple[sampling.DiffusionModel, dict]:
+  """A DiTPipeline or StableDiffusionPipeline folder: its denoiser, autoencoder, scheduler and
+  (text-to-image) the prompts encoded by its text encoder."""
+  folder = options.diffusers
+  try:
+    class_name = pipeline_lib.pipeline_class(folder)
+    text_model = class_name == "StableDiffusionPipeline"
+    if text_model and options.prompt is None and options.prompts is None:
+      raise SampleInputError(f"{folder} is a text-to-image pipeline; pass --prompt or --prompts")
+    schedule, prediction, scheduler_kwargs, defaults = diffusers_scheduler(options)
+    parts = pipeline_lib.load_pipeline(folder)
+  except (ValueError, FileNotFoundError) as error:
+    if isinstance(error, SampleInputError):
+      raise
+    raise SampleInputError(f"cannot load {folder}: {error}") from None
+  (module, params), config = parts.denoiser, parts.denoiser_config
+  decoder = sampling.LatentDecoder(*parts.autoencoder)
+  if options.channels is not None or options.image_size is not None:
+    raise SampleInputError("--image_size and --channels are fixed by a pipeline's denoiser "
+                           "(its sample_size and in_channels); leave them unset")
+  size = config["sample_size"]
+  shape = (size, size, config["in_channels"])
+  if not text_model:
+    model = sampling.DiffusionModel.from_module(module, params, schedule, prediction, shape,
+                                                scheduler_kwargs)
+    return dataclasses.replace(model, decoder=decoder), defaults
+  prompts, _ = read_prompts(options)
+  encoder, encoder_params = parts.text_encoder
+  text = sampling.encode_prompts(parts.tokenizer, encoder, encoder_params, prompts,
+                                 options.negative_prompt or "")
+  return sampling.DiffusionModel(module, params, schedule, prediction, shape,
+                                 scheduler_kwargs=scheduler_kwargs, decoder=decoder,
+                                 text=text), defaults
 
 
 def load_checkpoint_model(options: SampleOptions
@@ -282,6 +353,16 @@ def check_against_model(options: SampleOptions, model: sampling.DiffusionModel) 
   if model.objective == "ddpm" and options.sampler.num_steps > model.schedule.num_timesteps:
     raise SampleInputError(f"--num_steps={options.sampler.num_steps} exceeds the model's "
                            f"{model.schedule.num_timesteps} diffusion timesteps")
+  if model.text is None and (options.prompt is not None or options.prompts is not None):
+    raise SampleInputError("--prompt/--prompts need a text-to-image pipeline folder "
+                           "(StableDiffusionPipeline); this model is not text-conditioned")
+  if options.negative_prompt is not None and not (model.text is not None
+                                                  and options.sampler.guided):
+    raise SampleInputError("--negative_prompt needs a text-to-image pipeline and --guidance_scale")
+  if model.text is not None:
+    if options.labels:
+      raise SampleInputError("--labels given but the model is text-conditioned; use --prompt")
+    return
   if model.num_classes == 0:
     if options.labels:
       raise SampleInputError("--labels given but the model is unconditional")
@@ -325,15 +406,15 @@ def run(options: SampleOptions) -> dict[str, str]:
   check_options(options)
   model, provenance, options = load_model(options)
   check_against_model(options, model)
-  labels = sampling.example_labels(options.num_samples, options.labels, model.num_classes)
+  labels = conditioning_labels(options, model)
   mesh = sharding_lib.make_mesh()
   if jax.process_index() == 0:
-    print(f"sampling {options.num_samples} images of shape {model.image_shape} on "
+    print(f"sampling {options.num_samples} images of shape {model.output_shape} on "
           f"{mesh.devices.size} devices", flush=True)
   key_data = sampling.seed_key_data(options.seed)
   sample_fn = sampling.make_sampler(sampling.make_batch_fn(model, options.sampler), mesh,
                                     batch_size=options.batch_size, progress=True)
-  samples = sample_fn(model.params, labels, key_data)
+  samples = sample_fn(model.sampling_params, labels, key_data)
   trajectory = None
   if options.animate:
     # The same indices, keys and labels as the first samples: the GIF ends on those images.
@@ -341,12 +422,19 @@ def run(options: SampleOptions) -> dict[str, str]:
     animate_fn = sampling.make_sampler(
         sampling.make_batch_fn(model, options.sampler, trajectory=True), mesh,
         batch_size=len(animated))
-    trajectory = animate_fn(model.params, animated, key_data)
+    trajectory = animate_fn(model.sampling_params, animated, key_data)
   paths = output_paths(options, provenance, animate=options.animate)
   if jax.process_index() == 0:
     _write(paths, samples, labels if model.num_classes else None, trajectory,
-           _metadata(options, provenance), options.animate_frames)
+           _metadata(options, provenance, model, labels), options.animate_frames)
   return paths
+
+
+def conditioning_labels(options: SampleOptions, model: sampling.DiffusionModel) -> np.ndarray:
+  """int32 [N]: the class label of each sample, or for a text model its prompt index i % P."""
+  if model.text is not None:
+    return sampling.example_labels(options.num_samples, (), len(model.text.prompts))
+  return sampling.example_labels(options.num_samples, options.labels, model.num_classes)
 
 
 def output_paths(options: SampleOptions, provenance: dict[str, Any], *,
@@ -361,12 +449,19 @@ def output_paths(options: SampleOptions, provenance: dict[str, Any], *,
   return paths
 
 
-def _metadata(options: SampleOptions, provenance: dict[str, Any]) -> dict[str, Any]:
-  """Scalars stored next to the samples, echoed by `python -m jaxdiff.evaluate`."""
+def _metadata(options: SampleOptions, provenance: dict[str, Any],
+              model: sampling.DiffusionModel, labels: np.ndarray) -> dict[str, Any]:
+  """Stored next to the samples: scalars, echoed by `python -m jaxdiff.evaluate`, and for a text
+  model its prompts [P] and each sample's prompt index [N]."""
   settings = options.sampler
-  return {
+  text = {}
+  if model.text is not None:
+    text = {"prompts": np.asarray(model.text.prompts), "prompt_index": labels,
+            "prompt_source": read_prompts(options)[1],
+            "negative_prompt": options.negative_prompt or ""}
+  return {**text,
       "method": settings.method, "num_steps": settings.num_steps, "eta": settings.eta,
-      "spacing": settings.spacing or diffusion.DEFAULT_SPACINGS[settings.method],
+      "spacing": settings.spacing or diffusion.DEFAULT_SPACINGS.get(settings.method, ""),
       "guidance_scale": settings.guidance_scale if settings.guided else 1.0,
       "clip_denoised": settings.clip_denoised, "seed": options.seed,
       "checkpoint_step": provenance["checkpoint_step"],

@@ -6,11 +6,21 @@ index: x_T is drawn from the first half of `split(key_i)` and the sampler's step
 second; the label of sample i is a function of i as well. So the samples for indices [0, n) are
 the same on 1 or 8 devices, for any batch size, and whether n or more samples are drawn.
 
+Latent and text conditioning compose here (Rombach et al. 2022): encode the prompts once ->
+sample latents -> decode. A text-conditioned model (Stable Diffusion) carries a table of P
+encoded prompts (`TextConditioning`); sample i is conditioned on prompt `i % P`, an index that
+travels through the sharded sampler exactly as a class label does, so the contexts themselves
+are never copied per sample. A latent model carries its autoencoder (`LatentDecoder`), which
+decodes inside the jitted batch function: the decoded images leave the devices, sharded like
+the latents, and the decoder's memory is that of one sampler call (lower --batch_size for large
+images).
+
 Every process runs the same global computation over a mesh of all devices (the batch split over
 every mesh axis); the results are gathered to every process.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -25,16 +35,50 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxdiff import diffusion, images
 from jaxdiff.config import DiffusionConfig
 from jaxdiff.diffusion import SamplerSettings, edm, flow
+from jaxdiff.models import autoencoder as autoencoder_lib
 
 # Images in the sample grid PNG and in the reverse-process GIF (the first ones of the run).
 GRID_IMAGES = 64
 ANIMATION_IMAGES = 16
 
 # (params, base key data uint32 [2], global indices int32 [B], labels int32 [B])
-#   -> float32 [B, ...].
+#   -> float32 [B, ...]. `params` is `DiffusionModel.sampling_params`; a label is a class or,
+#   for a text-conditioned model, the index of a prompt.
 BatchFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 # (params, labels int [N], base key data uint32 [2], first_index) -> uint8 [N, ...].
 SampleFn = Callable[..., np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentDecoder:
+  """The autoencoder that turns a latent diffusion model's samples into images.
+
+  Attributes:
+    module: the KL autoencoder; its `scaling_factor` / `shift_factor` undo the latent scale.
+    params: its parameters.
+  """
+  module: autoencoder_lib.AutoencoderKL
+  params: Any
+
+  def decode(self, params, z_model: jax.Array) -> jax.Array:
+    """Latents on the diffusion model's scale [B, h, w, c] -> float32 images [B, H, W, C]."""
+    z = autoencoder_lib.unscale_latents(self.module, z_model)
+    return self.module.apply({"params": params}, z, method=self.module.decode)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+  """The encoded prompts of a text-conditioned model; sample i gets prompt `i % P`.
+
+  Attributes:
+    prompts: the P prompts, as given (recorded with the samples).
+    contexts: float32 [P, L, D], the text encoder's output for each prompt.
+    negative_context: float32 [L, D], the negative prompt's (the empty prompt's by default):
+      the unconditional half of classifier-free guidance, as in StableDiffusionPipeline.
+  """
+  prompts: tuple[str, ...]
+  contexts: Any
+  negative_context: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +91,9 @@ class DiffusionModel:
     schedule: the noise schedule it was trained with (ddpm; for flow its num_timesteps is the
       timestep scale T of the network's input t · T).
     prediction: what the network predicts: eps | x0 | v (ddpm objective).
-    image_shape: (H, W, C) of one sample.
-    num_classes: 0 for an unconditional model; the null label is `num_classes`.
+    image_shape: (H, W, C) of one sample of the diffusion model (latents for a latent model).
+    num_classes: 0 for an unconditional (or text-conditioned) model; the null label is
+      `num_classes`.
     learn_sigma: the network also outputs C variance channels (after the C prediction channels).
     has_null_label: the label `num_classes` means "no label" (needed by guidance).
     scheduler_kwargs: options of the objective's sampler that describe the model's own scheduler
@@ -58,6 +103,9 @@ class DiffusionModel:
       flow (a velocity model, `flow.sample_flow`), edm (the network F of the preconditioned
       denoiser, `edm.sample_edm`).
     sigma_data: σ_d of the EDM preconditioning (edm objective).
+    decoder: the autoencoder of a latent model (samples are decoded to images), or None.
+    text: the prompts of a text-conditioned model, called as `module.apply({"params": p}, x, t,
+      context [B, L, D])`, or None.
   """
   module: nn.Module
   params: Any
@@ -70,6 +118,27 @@ class DiffusionModel:
   scheduler_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   objective: str = "ddpm"
   sigma_data: float = edm.SIGMA_DATA
+  decoder: LatentDecoder | None = None
+  text: TextConditioning | None = None
+
+  @property
+  def output_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of one output image: decoded for a latent model, else `image_shape`."""
+    if self.decoder is None:
+      return self.image_shape
+    z = jax.ShapeDtypeStruct((1, *self.image_shape), jnp.float32)
+    return tuple(jax.eval_shape(self.decoder.decode, self.decoder.params, z).shape[1:])
+
+  @property
+  def sampling_params(self) -> Any:
+    """What `make_sampler`'s `sample_fn` takes as params: the denoiser's, or for a latent or
+    text-conditioned model {denoiser, decoder, contexts, negative_context}."""
+    if self.decoder is None and self.text is None:
+      return self.params
+    return {"denoiser": self.params,
+            "decoder": None if self.decoder is None else self.decoder.params,
+            "contexts": None if self.text is None else self.text.contexts,
+            "negative_context": None if self.text is None else self.text.negative_context}
 
   @classmethod
   def from_module(cls, module: nn.Module, params: Any, schedule: diffusion.Schedule,
@@ -115,13 +184,44 @@ def example_labels(num_samples: int, labels: Sequence[int], num_classes: int) ->
   return (indices % num_classes).astype(np.int32)
 
 
+def encode_prompts(tokenizer: Callable[[Sequence[str]], np.ndarray], encoder: nn.Module,
+                   encoder_params: Any, prompts: Sequence[str],
+                   negative_prompt: str = "") -> TextConditioning:
+  """Tokenises and encodes the prompts once (StableDiffusionPipeline.encode_prompt, no clip skip).
+
+  Args:
+    tokenizer: prompts [P] -> int token ids [P, L] padded to the encoder's length (e.g.
+      `jaxdiff.text.load_tokenizer`; it truncates over-long prompts with a warning).
+    encoder: a text encoder whose output has a `context` [P, L, D] (`CLIPTextEncoder`).
+    encoder_params: its parameters.
+    prompts: P >= 1 prompts.
+    negative_prompt: the unconditional prompt of guidance ("" as diffusers' default).
+
+  Returns:
+    TextConditioning with float32 contexts [P, L, D] and negative_context [L, D].
+  """
+  if not prompts:
+    raise ValueError("need at least one prompt")
+  ids = tokenizer([*prompts, negative_prompt])
+  contexts = jax.jit(lambda p, i: encoder.apply({"params": p}, i).context)(encoder_params, ids)
+  contexts = np.asarray(contexts, np.float32)
+  return TextConditioning(tuple(prompts), contexts[:-1], contexts[-1])
+
+
 def _model_fn(model: DiffusionModel, params, labels: jax.Array, guided: bool):
   """`(x [B', H, W, C], t [B']) -> prediction` with the labels [B] bound.
 
   With guidance B' = 2B: the first half gets the labels, the second the null label, as
-  `jaxdiff.diffusion.sample` expects.
+  `jaxdiff.diffusion.sample` expects. For a text model the labels index `params["contexts"]`,
+  and the second half gets the negative context.
   """
-  if model.num_classes == 0:
+  bundled = model.text is not None or model.decoder is not None  # see `sampling_params`
+  denoiser_params = params["denoiser"] if bundled else params
+  if model.text is not None:
+    y = params["contexts"][labels]
+    if guided:
+      y = jnp.concatenate([y, jnp.broadcast_to(params["negative_context"], y.shape)])
+  elif model.num_classes == 0:
     y = None
   elif guided:
     y = jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)])
@@ -129,7 +229,7 @@ def _model_fn(model: DiffusionModel, params, labels: jax.Array, guided: bool):
     y = labels
 
   def model_fn(x, t):
-    return model.module.apply({"params": params}, x, t, y, train=False)
+    return model.module.apply({"params": denoiser_params}, x, t, y, train=False)
 
   return model_fn
 
@@ -145,21 +245,20 @@ def make_batch_fn(model: DiffusionModel, settings: SamplerSettings, *,
 
   Returns:
     `(params, base_key_data [2], indices [B], labels [B]) -> float32 [B, H, W, C]`, or with
-    `trajectory` `[B, F, H, W, C]` (F states x_t from x_T to the final sample). The parameters are
-    an argument rather than a closure so that they are not baked into the executable.
+    `trajectory` `[B, F, H, W, C]` (F states x_t from x_T to the final sample), decoded to images
+    for a latent model. `params` is `model.sampling_params`: an argument rather than a closure so
+    that it is not baked into the executable.
   """
   def batch_fn(params, base_key_data, indices, labels):
     keys = diffusion.per_example_keys(jax.random.wrap_key_data(base_key_data), indices)
     split_keys = jax.vmap(jax.random.split)(keys)
     x_T = jax.vmap(lambda k: jax.random.normal(k, model.image_shape, jnp.float32))(
         split_keys[:, 0])
-    # Guidance is applied by `sample` to the first C output channels only, so learned-variance
-    # channels pass through from the conditional half.
     model_fn = _model_fn(model, params, labels, settings.guided)
     result = _run_sampler(model, settings, model_fn, x_T, split_keys[:, 1], trajectory)
     if trajectory:
-      return jnp.moveaxis(result[1], 0, 1)
-    return result
+      return jnp.moveaxis(_decode(model, params, result[1], frames=True), 0, 1)
+    return _decode(model, params, result)
 
   return batch_fn
 
@@ -180,6 +279,15 @@ def _run_sampler(model: DiffusionModel, settings: SamplerSettings, model_fn, x_T
             **model.scheduler_kwargs, **settings.sample_kwargs()}
   return diffusion.sample(model_fn, model.schedule, x_T, keys, prediction=model.prediction,
                           return_trajectory=trajectory, **kwargs)
+
+
+def _decode(model: DiffusionModel, params, z: jax.Array, frames: bool = False) -> jax.Array:
+  """Decodes latents [B, ...] (or trajectory frames [F, B, ...], one frame at a time, so memory
+  does not grow with F); identity for a pixel-space model."""
+  if model.decoder is None:
+    return z
+  decode = functools.partial(model.decoder.decode, params["decoder"])
+  return jax.lax.map(decode, z) if frames else decode(z)
 
 
 def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -214,8 +322,9 @@ def make_sampler(batch_fn: BatchFn, mesh: Mesh, *, batch_size: int, params_shard
 
   Returns:
     `sample_fn(params, labels int [N], base_key_data uint32 [2], first_index=0)` -> uint8
-    [N, H, W, C] (`jaxdiff.images.to_uint8` of the samples; [N, F, H, W, C] for a trajectory
-    batch_fn), on every process.
+    [N, H, W, C] (`jaxdiff.images.to_uint8` of the samples, decoded for a latent model;
+    [N, F, H, W, C] for a trajectory batch_fn), on every process. `params` is
+    `model.sampling_params`; `labels` are class labels or, for a text model, prompt indices.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")

@@ -99,28 +99,43 @@ def _clip_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], unk: str) ->
   return bpe
 
 
-def load_tokenizer(path: str) -> PromptTokenizer:
-  """Reads a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json).
-
-  Raises:
-    FileNotFoundError: naming a missing vocab.json or merges.txt.
-    ValueError: a special token missing from the vocabulary, or no model_max_length.
-  """
+def _vocab_and_merges(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """The BPE vocabulary and merges: vocab.json + merges.txt (transformers 4 and the published
+  pipelines), else the `model` of tokenizer.json (what transformers 5's save_pretrained writes)."""
   files = {name: os.path.join(path, name) for name in ("vocab.json", "merges.txt")}
+  fast = os.path.join(path, "tokenizer.json")
+  if not all(os.path.exists(file) for file in files.values()) and os.path.exists(fast):
+    model = _read_json(fast).get("model", {})
+    if model.get("type") != "BPE":
+      raise ValueError(f"{fast} holds a {model.get('type')!r} model; a CLIP tokenizer is BPE")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
   for file in files.values():
     if not os.path.exists(file):
       raise FileNotFoundError(f"{file} not found: a CLIP tokenizer folder needs vocab.json and "
-                              "merges.txt (as written by CLIPTokenizer.save_pretrained)")
-  vocab = _read_json(files["vocab.json"])
+                              "merges.txt, or tokenizer.json (as written by save_pretrained)")
   with open(files["merges.txt"], encoding="utf-8") as f:
     lines = [line.rstrip("\n") for line in f]
   merges = [tuple(line.split(" ")) for line in lines
             if line and not line.startswith("#version")]
+  return _read_json(files["vocab.json"]), merges
+
+
+def load_tokenizer(path: str) -> PromptTokenizer:
+  """Reads a CLIP tokenizer folder: vocab.json + merges.txt or tokenizer.json, and
+  tokenizer_config.json.
+
+  Raises:
+    FileNotFoundError: naming a missing vocab.json or merges.txt (when there is no
+      tokenizer.json either).
+    ValueError: a special token missing from the vocabulary, or no model_max_length.
+  """
+  vocab, merges = _vocab_and_merges(path)
   tokens = _special_tokens(path)
   missing = sorted({name for name, text in tokens.items() if text not in vocab})
   if missing:
     raise ValueError(f"tokenizer special tokens {missing} ({[tokens[n] for n in missing]}) are "
-                     f"not in {files['vocab.json']}")
+                     f"not in the vocabulary of {path}")
   max_length = _read_json(os.path.join(path, "tokenizer_config.json")).get("model_max_length")
   if not isinstance(max_length, int) or not 2 < max_length < 10**6:
     raise ValueError(f"tokenizer_config.json model_max_length={max_length!r} must be the text "

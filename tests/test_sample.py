@@ -16,6 +16,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from PIL import Image
 
+import tiny_pipelines
 from jaxdiff import diffusion, sample, sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +114,60 @@ def test_pipeline_scheduler_config_is_honoured(tmp_path):
     sample.run(options)
 
 
+def test_stable_diffusion_pipeline_folder_writes_decoded_images(tmp_path):
+  """run() on a StableDiffusionPipeline folder: the npz holds diffusers' images (same x_T,
+  prompt, negative prompt, guidance, DPM-Solver++) quantised, and the prompts as metadata."""
+  folder = str(tmp_path / "sd")
+  pipe = tiny_pipelines.save_sd_pipeline(folder)
+  options = sample.SampleOptions(
+      diffusers=folder, prompt="a photo of the cat", negative_prompt="cat", num_samples=2,
+      batch_size=4, seed=2, out=str(tmp_path / "out"),
+      sampler=sampling.SamplerSettings(method="dpmpp_2m", num_steps=2, guidance_scale=7.5))
+  paths = sample.run(options)
+
+  keys = [jax.random.split(jax.random.fold_in(jax.random.key(2), i))[0] for i in range(2)]
+  x = torch.from_numpy(np.stack([np.asarray(jax.random.normal(k, (8, 8, 4))) for k in keys]))
+  with torch.no_grad(), tiny_pipelines.one_torch_thread():
+    want = pipe(prompt="a photo of the cat", negative_prompt="cat", num_images_per_prompt=2,
+                guidance_scale=7.5, num_inference_steps=2, latents=x.permute(0, 3, 1, 2),
+                height=16, width=16, output_type="np").images
+  want = np.round(want * 255)
+  with np.load(paths["npz"], allow_pickle=False) as data:
+    got = data["arr_0"]
+    assert "arr_1" not in data.files
+    assert list(data["prompts"]) == ["a photo of the cat"] and str(data["negative_prompt"]) == "cat"
+    assert str(data["prompt_source"]) == "--prompt" and list(data["prompt_index"]) == [0, 0]
+    assert str(data["method"]) == "dpmpp_2m" and float(data["guidance_scale"]) == 7.5
+  assert got.shape == (2, 16, 16, 3) and got.std() > 10
+  assert np.abs(got.astype(np.int32) - want).max() <= 1  # float32 rounding at a .5 boundary
+  assert sorted(paths) == ["npz", "png"]
+
+
+@pytest.mark.slow
+def test_dit_pipeline_folder_animates_decoded_latents(tmp_path):
+  """run() on a DiTPipeline folder with --animate: RGB images, labels in arr_1, and a GIF of the
+  decoded reverse process that ends on the samples (up to the GIF's 256-colour palette)."""
+  folder = str(tmp_path / "dit")
+  tiny_pipelines.save_dit_pipeline(folder)
+  options = sample.SampleOptions(
+      diffusers=folder, labels=(5, 9), num_samples=4, batch_size=4, seed=1, animate=True,
+      animate_frames=3, out=str(tmp_path / "out"),
+      sampler=sampling.SamplerSettings(num_steps=3, guidance_scale=3.0))
+  paths = sample.run(options)
+  with np.load(paths["npz"], allow_pickle=False) as data:
+    got = data["arr_0"]
+    np.testing.assert_array_equal(data["arr_1"], [5, 9, 5, 9])
+  assert got.shape == (4, 16, 16, 3) and got.std() > 10
+  grid = sampling.images.make_grid(got).astype(np.int32)
+  with Image.open(paths["gif"]) as gif:
+    assert gif.n_frames == 3
+    first = np.asarray(gif.convert("RGB")).astype(np.int32)
+    gif.seek(2)
+    last = np.asarray(gif.convert("RGB")).astype(np.int32)
+  last_error, first_error = np.abs(last - grid).mean(), np.abs(first - grid).mean()
+  assert last_error < 10 and last_error < first_error / 3, (last_error, first_error)
+
+
 def test_bad_inputs_are_rejected_before_loading(tmp_path):
   settings = sampling.SamplerSettings
   cases = {
@@ -124,6 +179,10 @@ def test_bad_inputs_are_rejected_before_loading(tmp_path):
       "--labels=3,-1 must be >= 0": sample.SampleOptions(workdir=str(tmp_path), labels=(3, -1)),
       "--guidance_scale=-1": sample.SampleOptions(workdir=str(tmp_path),
                                                   sampler=settings(guidance_scale=-1.0)),
+      "at most one of --prompt and --prompts": sample.SampleOptions(
+          diffusers=str(tmp_path), prompt="a", prompts=str(tmp_path)),
+      "--prompts=nope is not a file": sample.SampleOptions(diffusers=str(tmp_path),
+                                                           prompts="nope"),
   }
   for message, options in cases.items():
     with pytest.raises(sample.SampleInputError, match=message.replace("[", r"\[")):
@@ -136,6 +195,9 @@ def test_bad_inputs_are_rejected_against_the_model():
   no_null = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE, num_classes=3)
   flow = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE, objective="flow")
   edm = sampling.DiffusionModel(None, {}, schedule, "eps", SHAPE, objective="edm")
+  text_model = sampling.DiffusionModel(
+      None, {}, schedule, "eps", SHAPE,
+      text=sampling.TextConditioning(("a cat",), np.zeros((1, 4, 8)), np.zeros((4, 8))))
   cases = [
       (unconditional, sample.SampleOptions(labels=(1,)), "model is unconditional"),
       (unconditional, sample.SampleOptions(sampler=sampling.SamplerSettings(guidance_scale=2.0)),
@@ -151,10 +213,16 @@ def test_bad_inputs_are_rejected_against_the_model():
        "--method='euler' cannot sample this edm model; choose one of heun"),
       (edm, sample.SampleOptions(sampler=sampling.SamplerSettings(num_steps=1)),
        "--num_steps=1 must be >= 2 for EDM"),
+      (no_null, sample.SampleOptions(prompt="a cat"), "need a text-to-image pipeline"),
+      (text_model, sample.SampleOptions(negative_prompt="dog"), "needs a text-to-image pipeline "
+       "and --guidance_scale"),
+      (text_model, sample.SampleOptions(labels=(1,)), "the model is text-conditioned"),
   ]
   for model, options, message in cases:
     with pytest.raises(sample.SampleInputError, match=message):
       sample.check_against_model(options, model)
+  sample.check_against_model(sample.SampleOptions(
+      negative_prompt="dog", sampler=sampling.SamplerSettings(guidance_scale=7.5)), text_model)
   # Guidance scale 1 is the conditional model: no null label needed.
   sample.check_against_model(
       sample.SampleOptions(sampler=sampling.SamplerSettings(guidance_scale=1.0)), no_null)
