@@ -59,6 +59,7 @@ def quick_kill(tmp_path_factory, cache_dir):
   return root, trial
 
 
+@pytest.mark.slow  # a minute; the slow step's twelve SIGKILL trials include this case too
 def test_sigkill_during_async_save_resumes_bitwise(quick_kill):
   root, trial = quick_kill
   assert trial.killed_status == -9

@@ -157,10 +157,16 @@ def test_image_folder_unconditional_grayscale_pad(tmp_path):
   np.testing.assert_array_equal(small, expected_small)
 
 
+def test_download_is_off_by_default_as_in_the_base_config():
+  from configs import base  # pylint: disable=g-import-not-at-top
+  assert data.DataConfig().download is False and base.get_config().data.download is False
+
+
 def test_missing_tfds_dataset_gives_one_line_error(tmp_path, monkeypatch):
   monkeypatch.setattr(sources, "tensorflow_installed", lambda: False)
   for cfg, reason in [
-      (data.DataConfig(source="tfds", name="cifar10", data_dir=str(tmp_path)), "TensorFlow"),
+      (data.DataConfig(source="tfds", name="cifar10", data_dir=str(tmp_path), download=True),
+       "TensorFlow"),
       (data.DataConfig(source="tfds", name="cifar10", data_dir=str(tmp_path), download=False),
        "download is False")]:
     with pytest.raises(data.DatasetNotFoundError) as error:
@@ -180,6 +186,6 @@ def test_missing_tfds_dataset_gives_one_line_error(tmp_path, monkeypatch):
 def test_missing_tfds_dataset_is_prepared_on_first_use(tmp_path, monkeypatch):
   # Stands in for a machine with TensorFlow and internet; this builder needs neither.
   monkeypatch.setattr(sources, "tensorflow_installed", lambda: True)
-  cfg = digits_config(str(tmp_path))
+  cfg = digits_config(str(tmp_path), download=True)
   assert data.dataset_info(cfg) == data.DatasetInfo(32, 1, 4, TRAIN_SIZE)
   assert os.path.isfile(tmp_path / "jaxdiff_test_digits" / "1.0.0" / "dataset_info.json")

@@ -167,6 +167,7 @@ def test_corrupted_latest_checkpoint_through_the_cli(runs, tmp_path):
   assert digest(workdir) == before
 
 
+@pytest.mark.slow  # two minutes: a training run plus torch-fidelity's Inception
 def test_fid_during_training_matches_torch_fidelity_features(tmp_path):
   """eval.fid_every: the logged proxy FID equals FID from torch-fidelity's network on the same
   EMA samples (regenerated from the checkpoint), in closed form."""
