@@ -109,29 +109,15 @@ def _flax_path(key: str, num_levels: int) -> tuple[str, ...]:
 
 def _flax_leaf(path: tuple[str, ...], key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   """(leaf name, array in Flax layout) of one torch tensor."""
-  if key.endswith(".bias"):
-    return "bias", value
-  if path[-1].startswith("norm"):
-    return "scale", value
-  if len(path) > 1 and path[-2] == "mid_attn" and value.ndim == 4:
+  if len(path) > 1 and path[-2] == "mid_attn" and value.ndim == 4 and key.endswith(".weight"):
     value = value[:, :, 0, 0]  # LDM's attention projections are 1x1 convs
-  return "kernel", common.flax_kernel(value)
+  return common.torch_leaf(path, key, value)
 
 
 def convert_state(state: dict[str, np.ndarray], num_levels: int) -> dict:
   """Renames and transposes an AutoencoderKL state dict into nested Flax params (NumPy)."""
-  params, unmapped = {}, []
-  for key, value in state.items():
-    path = _flax_path(key, num_levels)
-    if not path or "?" in path:
-      unmapped.append(key)
-      continue
-    leaf, array = _flax_leaf(path, key, np.asarray(value))
-    common.nested_set(params, (*path, leaf), array)
-  if unmapped:
-    raise ValueError(f"{len(unmapped)} AutoencoderKL weights have no jaxdiff counterpart, "
-                     f"e.g. {sorted(unmapped)[:5]}")
-  return params
+  return common.convert_named_state(state, lambda key: _flax_path(key, num_levels),
+                                    "AutoencoderKL", _flax_leaf)
 
 
 def convert(config: dict, state: dict[str, np.ndarray], **module_overrides):

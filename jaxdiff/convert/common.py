@@ -7,7 +7,7 @@ Layouts: PyTorch stores a conv kernel as [O, I, kh, kw] and a Linear weight as [
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -67,6 +67,45 @@ def nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
+
+
+def torch_leaf(path: tuple[str, ...], key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """(Flax leaf name, array) of a torch tensor: `bias` as is, a norm's `weight` as `scale`, any
+  other weight as a Flax `kernel`."""
+  if key.endswith(".bias"):
+    return "bias", value
+  if path[-1].startswith("norm"):
+    return "scale", value
+  return "kernel", flax_kernel(value)
+
+
+def convert_named_state(state: Mapping[str, np.ndarray],
+                        flax_path: Callable[[str], tuple[str, ...]], what: str,
+                        flax_leaf: Callable[..., tuple[str, np.ndarray]] = torch_leaf) -> dict:
+  """Renames and transposes a torch state dict into nested Flax params (NumPy).
+
+  Args:
+    state: {torch parameter name: array}.
+    flax_path: torch parameter name -> path of the Flax module holding it; an empty path or a
+      "?" in it means the weight has no counterpart.
+    what: names the checkpoint in the error, e.g. "UNet2DModel".
+    flax_leaf: (path, torch name, array) -> (Flax leaf name, array in Flax layout).
+
+  Raises:
+    ValueError: weights without a counterpart, counted and named.
+  """
+  params, unmapped = {}, []
+  for key, value in state.items():
+    path = flax_path(key)
+    if not path or "?" in path:
+      unmapped.append(key)
+      continue
+    leaf, array = flax_leaf(path, key, np.asarray(value))
+    nested_set(params, (*path, leaf), array)
+  if unmapped:
+    raise ValueError(f"{len(unmapped)} {what} weights have no jaxdiff counterpart, "
+                     f"e.g. {sorted(unmapped)[:5]}")
+  return params
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -170,29 +170,15 @@ def _flax_path(key: str, num_levels: int) -> tuple[str, ...]:
 
 def _flax_leaf(path: tuple[str, ...], key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   """(leaf name, array in Flax layout) of one torch tensor."""
-  if key.endswith(".bias"):
-    return "bias", value
-  if path[-1] == "class_embed":
+  if path[-1] == "class_embed" and not key.endswith(".bias"):
     return "embedding", value
-  if path[-1].startswith("norm"):
-    return "scale", value
-  return "kernel", common.flax_kernel(value)
+  return common.torch_leaf(path, key, value)
 
 
 def convert_state(state: dict[str, np.ndarray], num_levels: int) -> dict:
   """Renames and transposes a UNet2DModel state dict into a nested Flax params dict (NumPy)."""
-  params, unmapped = {}, []
-  for key, value in state.items():
-    path = _flax_path(key, num_levels)
-    if not path or "?" in path:
-      unmapped.append(key)
-      continue
-    leaf, array = _flax_leaf(path, key, np.asarray(value))
-    common.nested_set(params, (*path, leaf), array)
-  if unmapped:
-    raise ValueError(f"{len(unmapped)} UNet2DModel weights have no jaxdiff counterpart, "
-                     f"e.g. {sorted(unmapped)[:5]}")
-  return params
+  return common.convert_named_state(state, lambda key: _flax_path(key, num_levels),
+                                    "UNet2DModel", _flax_leaf)
 
 
 def _check_params(module: UNet, params: dict, in_channels: int) -> None:

@@ -187,30 +187,24 @@ def _transformer_path(module: str) -> tuple[str, ...]:
   return ("?",)
 
 
+def _flax_leaf(path: tuple[str, ...], key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """(leaf name, array in Flax layout); proj_in / proj_out 1x1 convs become Dense kernels."""
+  leaf, value = common.torch_leaf(path, key, value)
+  if leaf == "kernel" and path[-1] in ("proj_in", "proj_out") and value.ndim == 4:
+    value = value[0, 0]
+  return leaf, value
+
+
+def _flax_path_of_parameter(key: str, num_levels: int) -> tuple[str, ...]:
+  module, kind = key.rsplit(".", 1)
+  return _flax_path(module, num_levels) if kind in ("weight", "bias") else ()
+
+
 def convert_state(state: dict[str, np.ndarray], num_levels: int) -> dict:
   """Renames and transposes a UNet2DConditionModel state dict into nested Flax params."""
-  params, unmapped = {}, []
-  for key, value in state.items():
-    module, kind = key.rsplit(".", 1)
-    path = _flax_path(module, num_levels)
-    if not path or "?" in path or kind not in ("weight", "bias"):
-      unmapped.append(key)
-      continue
-    value = np.asarray(value)
-    if kind == "bias":
-      leaf = "bias"
-    elif path[-1].startswith("norm"):
-      leaf = "scale"
-    else:
-      leaf = "kernel"
-      value = common.flax_kernel(value)
-      if path[-1] in ("proj_in", "proj_out") and value.ndim == 4:  # 1x1 conv -> Dense
-        value = value[0, 0]
-    common.nested_set(params, (*path, leaf), value)
-  if unmapped:
-    raise ValueError(f"{len(unmapped)} UNet2DConditionModel weights have no jaxdiff "
-                     f"counterpart, e.g. {sorted(unmapped)[:5]}")
-  return params
+  return common.convert_named_state(
+      state, lambda key: _flax_path_of_parameter(key, num_levels), "UNet2DConditionModel",
+      _flax_leaf)
 
 
 def convert(config: dict, state: dict[str, np.ndarray], **module_overrides):
