@@ -4,9 +4,12 @@ References: an uninterrupted run (bitwise on CPU), the saved arrays themselves (
 device count), and the files on disk before and after a refused restore.
 """
 
+import asyncio
 import hashlib
 import os
 import signal
+import sys
+import types
 
 import jax
 import numpy as np
@@ -174,3 +177,26 @@ def test_restore_for_inference(runs):
   assert_bitwise_equal(ema[0.9], runs["straight"].ema_params["ema_0p9"])
   with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at step 3"):
     checkpoint.restore_for_inference(runs["straight_dir"], step=3)
+
+
+def test_only_closed_loop_reports_of_abandoned_writes_are_dropped(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoint._quiet_abandoned_writes()  # pylint: disable=protected-access
+  checkpoint._quiet_abandoned_writes()  # installing twice wraps once
+  closed = asyncio.new_event_loop()
+  closed.close()
+
+  def report(call):
+    try:
+      call()
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      sys.unraisablehook(types.SimpleNamespace(
+          exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
+          err_msg=None, object=None))
+
+  report(lambda: closed.call_soon_threadsafe(print))  # TensorStore's callback after the failure
+  assert not seen
+  report(lambda: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))  # not asyncio's
+  report(lambda: 1 / 0)
+  assert [type(u.exc_value) for u in seen] == [RuntimeError, ZeroDivisionError]

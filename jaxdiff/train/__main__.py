@@ -44,8 +44,8 @@ _HEARTBEAT = flags.DEFINE_integer(
     "every process exits (JAX: 'another task died') instead of waiting in a collective.")
 
 def _fail_now(message: str) -> None:
-  """`cli.fail` without interpreter teardown: after a failed save, Orbax's writer threads still
-  hold callbacks into a closed event loop, whose tracebacks would follow the one-line error."""
+  """`cli.fail` without interpreter teardown: after a failed save, TensorStore may still be
+  finishing the step's abandoned writes, which the exit need not wait for."""
   print(f"error: {cli.one_line(message)}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(cli.EXIT_ERROR)  # pylint: disable=protected-access

@@ -16,6 +16,7 @@ replaced.
 import dataclasses
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -52,12 +53,42 @@ def open_manager(workdir: str, config: CheckpointConfig | None = None, *,
     config: keep-last-N and async options; None for reading only.
     read_only: never create, save or delete anything.
   """
+  if not read_only:
+    _quiet_abandoned_writes()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_to_keep if config else None,
       enable_async_checkpointing=bool(config and config.async_save),
       create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "data", "config"))
+
+
+def _quiet_abandoned_writes() -> None:
+  """Drops the "Event loop is closed" reports of writes abandoned by a failed save.
+
+  When one write of an asynchronous save fails (a full disk), Orbax stops its event loop while
+  TensorStore still completes the step's other writes; each completion's callback into the closed
+  loop is reported as an unraisable exception (hundreds of tracebacks around the one-line
+  SaveError). Only that exact report is dropped; every other one reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_jaxdiff_quiet", False):
+    return
+
+  def hook(unraisable):
+    frames = []
+    tb = unraisable.exc_traceback
+    while tb is not None:
+      frames.append(tb.tb_frame.f_code)
+      tb = tb.tb_next
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and frames and frames[-1].co_name == "_check_closed"
+            and frames[-1].co_filename.endswith(os.path.join("asyncio", "base_events.py"))):
+      previous(unraisable)
+
+  hook._jaxdiff_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def resolved_config(config_dict: ml_collections.ConfigDict, config: Config,
