@@ -10,7 +10,11 @@ Every benchmark in `experiments/` measures in the same way:
   body runs more than once, the jaxpr count is the one used (`model_flops`);
 - peak FLOP/s: the best of a few large matmuls in the same process (`measured_peak_flops`);
 - memory: `device.memory_stats()["peak_bytes_in_use"]` where the backend has it (GPU, TPU), else
-  the XLA buffer sizes of the compiled program and the process's peak resident set size.
+  the XLA buffer sizes of the compiled program and the process's peak resident set size;
+- load: the 1-minute load average at the start and end of every timed section. A figure taken
+  while other jobs share the cores is noise, so `write_json` refuses to write a result whose load
+  went above --max_load (default 1.5, for this project's 2-core machine) unless --force is given;
+  a forced result is written with `"quiet": false` and must not be quoted as a speed claim.
 """
 
 import datetime
@@ -24,9 +28,17 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_MAX_LOAD = flags.DEFINE_float(
+    "max_load", 1.5, "Highest 1-minute load average allowed at the start or end of a timed "
+    "section; a result measured above it is not written (see --force).")
+_FORCE = flags.DEFINE_bool(
+    "force", False, "Write the result even if the machine was not quiet (marked quiet=false), "
+    "for machines that are never quiet.")
 
 # Model FLOPs come from these primitives; elementwise work is not counted (the usual MFU
 # convention, as in PaLM's appendix B).
@@ -75,17 +87,20 @@ def time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict:
   """Times `call()` (which returns arrays) `iters` times after `warmup` untimed calls.
 
   Returns:
-    {"median_s", "min_s", "max_s", "iters", "times_s"}.
+    {"median_s", "min_s", "max_s", "iters", "times_s", "load_start", "load_end"}: the
+    1-minute load average before the first and after the last timed call.
   """
   for _ in range(warmup):
     sync(call())
   times = []
+  load_start = os.getloadavg()[0]
   for _ in range(iters):
     start = time.perf_counter()
     sync(call())
     times.append(time.perf_counter() - start)
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-          "iters": iters, "times_s": times}
+          "iters": iters, "times_s": times,
+          "load_start": load_start, "load_end": os.getloadavg()[0]}
 
 
 def xla_flops(compiled) -> float | None:
@@ -265,9 +280,41 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
   return "\n".join([header, rule, *body])
 
 
+def highest_load(tree: Any) -> float:
+  """The highest `load_start` / `load_end` of any timing in `tree` (nested dicts and lists)."""
+  if isinstance(tree, dict):
+    own = [float(tree[k]) for k in ("load_start", "load_end") if k in tree]
+    return max(own + [highest_load(v) for v in tree.values() if isinstance(v, (dict, list))],
+               default=0.0)
+  if isinstance(tree, list):
+    return max((highest_load(v) for v in tree), default=0.0)
+  return 0.0
+
+
+class NotQuiet(RuntimeError):
+  """A timed section ran while the machine was loaded; its result is not written."""
+
+
+def check_quiet(payload: dict) -> dict:
+  """Returns `payload` with "max_load" and "quiet"; NotQuiet if loaded and not --force."""
+  load = max(highest_load(payload), os.getloadavg()[0])
+  quiet = load <= _MAX_LOAD.value
+  if not quiet and not _FORCE.value:
+    raise NotQuiet(
+        f"the load average reached {load:.2f} during a timed section (above --max_load="
+        f"{_MAX_LOAD.value}): stop other jobs and run again, or pass --force to write it marked "
+        "quiet=false")
+  return {**payload, "max_load": load, "max_load_allowed": _MAX_LOAD.value, "quiet": quiet}
+
+
 def write_json(path: str, payload: dict) -> None:
-  """Writes `payload` with the load average at the end of the run added."""
-  payload = {**payload, "loadavg_end": os.getloadavg()}
+  """Writes `payload` with the load average at the end of the run added.
+
+  Raises:
+    NotQuiet: a timing in `payload` was taken above --max_load and --force is not set; nothing
+      is written (an earlier quiet result at `path` is kept).
+  """
+  payload = check_quiet({**payload, "loadavg_end": os.getloadavg()})
   directory = os.path.dirname(path)
   if directory:
     os.makedirs(directory, exist_ok=True)
@@ -282,3 +329,16 @@ def _json_default(value):
   if isinstance(value, np.ndarray):
     return value.tolist()
   return str(value)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)`, turning NotQuiet into one `error:` line and exit status 2."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from jaxdiff import cli  # pylint: disable=import-outside-toplevel
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except NotQuiet as error:
+      cli.fail(error)
+  app.run(guarded)

@@ -36,10 +36,16 @@ SAMPLE_COLUMNS = [
 
 
 def _load(pattern: str) -> list[dict]:
+  """The quiet results matching `pattern`; results measured under load are left out, not shown."""
   payloads = []
   for path in sorted(glob.glob(os.path.join(FLAGS.results, pattern))):
     with open(path) as f:
-      payloads.append(json.load(f))
+      payload = json.load(f)
+    if payload.get("quiet") is not True:
+      print(f"- left out {path}: not measured on a quiet machine "
+            f"(max load {payload.get('max_load', 'unrecorded')})")
+      continue
+    payloads.append(payload)
   return payloads
 
 

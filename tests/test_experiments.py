@@ -1,5 +1,7 @@
 """Checks the benchmark helpers of experiments/common.py against hand computations."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,3 +53,42 @@ def test_time_calls_and_table():
   assert timing["iters"] == 3 and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
   table = common.format_table([{"a": 1.234, "b": None}], [("a", "A", ".1f"), ("b", "B", "")])
   assert table.splitlines()[-1] == "| 1.2 | - |"
+
+
+@pytest.fixture
+def benchmark_flags():
+  """The benchmark flags parsed with their defaults (--max_load=1.5, --force=False)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  yield flags.FLAGS
+  flags.FLAGS["force"].value = False
+  flags.FLAGS["max_load"].value = 1.5
+
+
+def test_a_loaded_timing_is_not_written_unless_forced(benchmark_flags, monkeypatch, tmp_path):
+  monkeypatch.setattr(common.os, "getloadavg", lambda: (0.4, 0.5, 0.6))
+  path = str(tmp_path / "result.json")
+  quiet = {"records": [{"timing": {"load_start": 0.3, "load_end": 1.2}}]}
+  common.write_json(path, quiet)
+  with open(path) as f:
+    written = json.load(f)
+  assert written["quiet"] is True and written["max_load"] == pytest.approx(1.2)
+  loaded = {"records": [{"timing": {"load_start": 0.3, "load_end": 1.2}},
+                        {"torch": [{"load_start": 2.7, "load_end": 0.9}]}]}
+  with pytest.raises(common.NotQuiet, match="2.70.*--force"):
+    common.write_json(path, loaded)
+  with open(path) as f:
+    assert json.load(f) == written  # the earlier quiet result is kept
+  benchmark_flags["force"].value = True
+  common.write_json(path, loaded)
+  with open(path) as f:
+    forced = json.load(f)
+  assert forced["quiet"] is False and forced["max_load"] == pytest.approx(2.7)
+
+
+def test_time_calls_records_the_load_around_the_timed_calls(monkeypatch):
+  loads = iter([(0.7, 0, 0), (1.9, 0, 0)])
+  monkeypatch.setattr(common.os, "getloadavg", lambda: next(loads))
+  timing = common.time_calls(lambda: jnp.ones(3), warmup=0, iters=2)
+  assert (timing["load_start"], timing["load_end"]) == (0.7, 1.9)
