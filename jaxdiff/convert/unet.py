@@ -12,6 +12,7 @@ first, jaxdiff names levels by resolution).
 """
 
 import re
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -141,16 +142,21 @@ def unet_fields(config: dict) -> dict:
   )
 
 
-def _flax_path(key: str, num_levels: int) -> tuple[str, ...]:
-  """Torch parameter name -> path of the Flax module holding it (without the leaf name)."""
+def module_path(module: str, num_levels: int,
+                attention_path: Callable[[str], tuple[str, ...]]) -> tuple[str, ...]:
+  """diffusers U-Net module name -> path of the Flax module holding it, or () if unknown.
+
+  Shared by `UNet2DModel` and `UNet2DConditionModel`, which lay out their blocks the same way;
+  `attention_path` maps the rest of an attention module's name (after `attentions.J.`) to its
+  path inside the Flax attention module.
+  """
   top = {"conv_in": "conv_in", "time_embedding.linear_1": "time_dense_1",
          "time_embedding.linear_2": "time_dense_2", "class_embedding": "class_embed",
          "conv_norm_out": "norm_out", "conv_out": "conv_out"}
-  module = key.rsplit(".", 1)[0]
   if module in top:
     return (top[module],)
   if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
-    return ("mid_attn", _ATTENTION_NAMES.get(m[1], "?"))
+    return ("mid_attn", *attention_path(m[1]))
   if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)", module):
     return (f"mid_res_{m[1]}", RESNET_NAMES.get(m[2], "?"))
   m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
@@ -162,10 +168,16 @@ def _flax_path(key: str, num_levels: int) -> tuple[str, ...]:
   if kind == "resnets":
     return (f"{path}_{level}_res_{j}", RESNET_NAMES.get(rest, "?"))
   if kind == "attentions":
-    return (f"{path}_{level}_attn_{j}", _ATTENTION_NAMES.get(rest, "?"))
+    return (f"{path}_{level}_attn_{j}", *attention_path(rest))
   if rest == "conv" and j == "0":
     return (f"{path}_{level}_{'downsample' if path == 'down' else 'upsample'}",)
   return ()
+
+
+def _flax_path(key: str, num_levels: int) -> tuple[str, ...]:
+  """Torch parameter name -> path of the Flax module holding it (without the leaf name)."""
+  return module_path(key.rsplit(".", 1)[0], num_levels,
+                     lambda rest: (_ATTENTION_NAMES.get(rest, "?"),))
 
 
 def _flax_leaf(path: tuple[str, ...], key: str, value: np.ndarray) -> tuple[str, np.ndarray]:

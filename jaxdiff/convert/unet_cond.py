@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert import common
-from jaxdiff.convert.unet import RESNET_NAMES
+from jaxdiff.convert import unet
 from jaxdiff.models.unet_cond import UNetCond
 
 # UNet2DConditionModel.__init__ defaults, for configs that omit fields. Each supported field
@@ -152,32 +152,6 @@ def unet_cond_fields(config: dict) -> dict:
   )
 
 
-def _flax_path(module: str, num_levels: int) -> tuple[str, ...]:
-  """Torch module name (parameter name without .weight/.bias) -> Flax module path, or ()."""
-  top = {"conv_in": "conv_in", "time_embedding.linear_1": "time_dense_1",
-         "time_embedding.linear_2": "time_dense_2", "conv_norm_out": "norm_out",
-         "conv_out": "conv_out"}
-  if module in top:
-    return (top[module],)
-  if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)", module):
-    return (f"mid_res_{m[1]}", RESNET_NAMES.get(m[2], "?"))
-  if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
-    return ("mid_attn", *_transformer_path(m[1]))
-  m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
-                   r"\.(\d+)\.(.+)", module)
-  if not m:
-    return ()
-  path, index, kind, j, rest = m[1], int(m[2]), m[3], m[4], m[5]
-  level = index if path == "down" else num_levels - 1 - index
-  if kind == "resnets":
-    return (f"{path}_{level}_res_{j}", RESNET_NAMES.get(rest, "?"))
-  if kind == "attentions":
-    return (f"{path}_{level}_attn_{j}", *_transformer_path(rest))
-  if rest == "conv" and j == "0":
-    return (f"{path}_{level}_{'downsample' if path == 'down' else 'upsample'}",)
-  return ()
-
-
 def _transformer_path(module: str) -> tuple[str, ...]:
   """Transformer2DModel-relative torch module name -> SpatialTransformer-relative path."""
   if module in ("norm", "proj_in", "proj_out"):
@@ -197,7 +171,9 @@ def _flax_leaf(path: tuple[str, ...], key: str, value: np.ndarray) -> tuple[str,
 
 def _flax_path_of_parameter(key: str, num_levels: int) -> tuple[str, ...]:
   module, kind = key.rsplit(".", 1)
-  return _flax_path(module, num_levels) if kind in ("weight", "bias") else ()
+  if kind not in ("weight", "bias"):
+    return ()
+  return unet.module_path(module, num_levels, _transformer_path)
 
 
 def convert_state(state: dict[str, np.ndarray], num_levels: int) -> dict:
