@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0  # Seeds init, data order, per-step keys and the sample-grid noise.
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "dit-s/2"  # Entry of jaxdiff.models.MODEL_SIZES (dit-*/unet-*).
+  config.model.name = "dit-s/2"  # Entry of jaxdiff.models.MODEL_SIZES (dit-*/unet-*); "pipeline": the U-Net of text.pipeline.
   config.model.class_conditional = False  # Condition on the dataset's labels (num_classes).
   config.model.class_dropout_prob = 0.0  # Label dropout for classifier-free guidance (> 0 adds the null label).
   config.model.learn_sigma = False  # Also predict the variance (2C outputs; adds the VLB term).
@@ -131,6 +131,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.s_noise = 1.0  # EDM: churn noise scale S_noise.
   config.sample.ema_decay = 0.0  # Which EMA params to sample from; 0 = the first of train.ema_decays.
   config.sample.clip_denoised = True  # Clip predicted x0 to [-1, 1] in each step (ddpm objective).
+
+  config.text = ml_collections.ConfigDict()  # Text-to-image fine-tuning (configs/mnist_captions.py).
+  config.text.pipeline = ""  # StableDiffusionPipeline folder whose U-Net is fine-tuned (text encoder, VAE frozen); "" = off.
+  config.text.caption_dropout_prob = 0.1  # Caption -> the empty prompt's embedding with this probability (for guidance).
+  config.text.init_from_pipeline = True  # Start from the pipeline's U-Net weights (False: fresh init of its layout).
 
   config.eval = ml_collections.ConfigDict()
   config.eval.fid_every = 0  # Steps between FID evaluations during training; 0 = off.

@@ -6,6 +6,7 @@ raise `ConfigError` with one line that names the field and the fix, before anyth
 """
 
 import dataclasses
+import json
 import os
 from typing import Any, Mapping
 
@@ -110,6 +111,22 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Text-to-image fine-tuning (see configs/base.py, section `text`); pipeline "" = off."""
+  pipeline: str = ""  # StableDiffusionPipeline folder: its U-Net trains; text encoder, VAE frozen
+  caption_dropout_prob: float = 0.0  # caption -> empty prompt's embedding with this probability
+  init_from_pipeline: bool = True  # start from the pipeline's U-Net weights (else a fresh init)
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.pipeline)
+
+
+# model.name of a text-to-image run: the U-Net of text.pipeline (its layout and weights).
+PIPELINE_MODEL = "pipeline"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
   model: ModelConfig
@@ -121,6 +138,7 @@ class Config:
   mesh: MeshConfig
   sample: SampleConfig
   eval: EvalConfig
+  text: TextConfig = TextConfig()  # absent from configs written before text-to-image
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
@@ -184,7 +202,9 @@ def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
       sample=_section(config_dict, SampleConfig, "sample", ema_decay=sample_decay,
                       sampler=_section(config_dict, SamplerSettings, "sample",
                                        guidance_interval=tuple(config_dict.sample.guidance_interval))),
-      eval=_section(config_dict, EvalConfig, "eval"))
+      eval=_section(config_dict, EvalConfig, "eval"),
+      text=_section(config_dict, TextConfig, "text") if "text" in config_dict else TextConfig())
+  _check_text(config)
   _check_model(config.model)
   _check_diffusion(config.diffusion)
   _check_objective(config)
@@ -202,8 +222,44 @@ def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
   return config
 
 
+def _check_text(config: Config) -> None:
+  """A text-to-image run: the pipeline's U-Net on cached latents and caption embeddings."""
+  text, model = config.text, config.model
+  _check(0.0 <= text.caption_dropout_prob < 1.0, "text.caption_dropout_prob",
+         text.caption_dropout_prob, "use a probability in [0, 1) (0.1 is common)")
+  if not text.enabled:
+    _check(model.name != PIPELINE_MODEL, "model.name", model.name,
+           "model.name='pipeline' trains the U-Net of text.pipeline; set text.pipeline to a "
+           "StableDiffusionPipeline folder")
+    return
+  _check(os.path.isfile(os.path.join(text.pipeline, "model_index.json")), "text.pipeline",
+         text.pipeline, "give a folder written by StableDiffusionPipeline.save_pretrained")
+  _check(model.name == PIPELINE_MODEL, "model.name", model.name,
+         "a text-to-image run trains the U-Net of text.pipeline; set model.name='pipeline'")
+  for field, value in model.overrides.items():
+    _check(field == "dropout", f"model.overrides.{field}", value,
+           "the pipeline's U-Net fixes its layout; only model.overrides.dropout may be set")
+  _check(not model.class_conditional, "model.class_conditional", True,
+         "a text-to-image run is conditioned on captions; set it to False")
+  _check(not model.learn_sigma, "model.learn_sigma", True,
+         "Stable Diffusion's U-Net has no variance outputs; set it to False")
+  _check(config.data.source == "latents", "data.source", config.data.source,
+         "a text-to-image run trains on cached latents and caption embeddings: encode the "
+         "caption folder with python -m jaxdiff.data.encode --pipeline=PIPELINE "
+         "--source=captions --folder=DIR --output_dir=CACHE and set data.source='latents', "
+         "data.latents_dir=CACHE")
+  _check(config.train.sample_every == 0, "train.sample_every", config.train.sample_every,
+         "text-to-image runs have no sample grids during training yet; use 0 and sample with "
+         "python -m jaxdiff.sample --workdir=... --prompt=...")
+  _check(config.eval.fid_every == 0, "eval.fid_every", config.eval.fid_every,
+         "FID during training is not available for text-to-image runs; use 0")
+
+
 def _check_model(model: ModelConfig) -> None:
   from jaxdiff.models import MODEL_SIZES  # pylint: disable=g-import-not-at-top
+  if model.name == PIPELINE_MODEL:  # checked by _check_text
+    _check(model.dtype in MODEL_DTYPES, "model.dtype", model.dtype, f"choose one of {MODEL_DTYPES}")
+    return
   _check(model.name in MODEL_SIZES, "model.name", model.name,
          f"choose one of {sorted(MODEL_SIZES)}")
   module_class = MODEL_SIZES[model.name][0]
@@ -316,7 +372,7 @@ def _check_sample(config: Config) -> None:
          f"use 0 or one of train.ema_decays={config.train.ema_decays}")
   _check(sampler.guidance_scale >= 0, "sample.guidance_scale", sampler.guidance_scale,
          "use 1 (off: the plain conditional model) or another non-negative scale")
-  if sampler.guided:
+  if sampler.guided and not config.text.enabled:
     _check(config.model.class_conditional and config.model.class_dropout_prob > 0,
            "sample.guidance_scale", sampler.guidance_scale,
            "guidance needs model.class_conditional=True and model.class_dropout_prob > 0")
@@ -359,7 +415,45 @@ def check_run(config: Config, info: DatasetInfo, num_devices: int, process_count
   if config.model.class_conditional:
     _check(info.num_classes > 0, "model.class_conditional", True,
            f"dataset {config.data.name or config.data.source!r} has no labels; set it to False")
-  check_model_fits(config.model, info)
+  if config.text.enabled:
+    check_text_cache(config, info)
+  else:
+    check_model_fits(config.model, info)
+
+
+def pipeline_unet_config(pipeline: str) -> dict[str, Any]:
+  """The config.json of a pipeline folder's U-Net (ConfigError naming text.pipeline if absent)."""
+  path = os.path.join(pipeline, "unet", "config.json")
+  _check(os.path.isfile(path), "text.pipeline", pipeline,
+         "the folder lacks unet/config.json; save the whole pipeline with save_pretrained")
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_text_cache(config: Config, info: DatasetInfo) -> None:
+  """Checks that the latents cache holds caption embeddings of text.pipeline fit for its U-Net."""
+  from jaxdiff.data import latents  # pylint: disable=g-import-not-at-top
+  cache = latents.read_latents_info(config.data.latents_dir)
+  where = f"the latents in data.latents_dir={config.data.latents_dir!r}"
+  encode = (f"python -m jaxdiff.data.encode --pipeline={config.text.pipeline} --source=captions "
+            "--folder=DIR --output_dir=NEW_DIR")
+  _check("captions" in cache, "data.latents_dir", config.data.latents_dir,
+         f"{where} hold no caption embeddings; encode a caption folder with {encode}")
+  encoded_with = os.path.realpath(cache.get("text_encoder") or "")
+  _check(encoded_with == os.path.realpath(config.text.pipeline), "text.pipeline",
+         config.text.pipeline, f"{where} were encoded with {cache.get('text_encoder')!r}; use "
+         f"that pipeline or re-encode with {encode}")
+  unet = pipeline_unet_config(config.text.pipeline)
+  _check(unet.get("in_channels", 4) == info.channels, "data.latents_dir",
+         config.data.latents_dir, f"{where} have {info.channels} channels but the U-Net takes "
+         f"{unet.get('in_channels', 4)}")
+  _check(unet.get("cross_attention_dim", 1280) == cache["context_shape"][-1], "data.latents_dir",
+         config.data.latents_dir, f"{where} hold {cache['context_shape'][-1]}-wide text "
+         f"embeddings but the U-Net cross-attends to {unet.get('cross_attention_dim', 1280)}")
+  factor = 2 ** (len(unet.get("block_out_channels", (320, 640, 1280, 1280))) - 1)
+  _check(info.image_size % factor == 0, "data.latents_dir", config.data.latents_dir,
+         f"{where} are {info.image_size}x{info.image_size}, not divisible by the U-Net's "
+         f"downsampling {factor}")
 
 
 def check_model_fits(model: ModelConfig, info: DatasetInfo) -> None:

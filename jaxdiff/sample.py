@@ -275,13 +275,34 @@ def load_pipeline_model(options: SampleOptions) -> tuple[sampling.DiffusionModel
     model = sampling.DiffusionModel.from_module(module, params, schedule, prediction, shape,
                                                 scheduler_kwargs)
     return dataclasses.replace(model, decoder=decoder), defaults
-  prompts, _ = read_prompts(options)
-  encoder, encoder_params = parts.text_encoder
-  text = sampling.encode_prompts(parts.tokenizer, encoder, encoder_params, prompts,
-                                 options.negative_prompt or "")
   return sampling.DiffusionModel(module, params, schedule, prediction, shape,
                                  scheduler_kwargs=scheduler_kwargs, decoder=decoder,
-                                 text=text), defaults
+                                 text=encode_option_prompts(options, parts)), defaults
+
+
+def encode_option_prompts(options: SampleOptions,
+                          parts: pipeline_lib.PipelineParts) -> sampling.TextConditioning:
+  """--prompt / --prompts and --negative_prompt, encoded once by a pipeline's text encoder."""
+  prompts, _ = read_prompts(options)
+  encoder, encoder_params = parts.text_encoder
+  return sampling.encode_prompts(parts.tokenizer, encoder, encoder_params, prompts,
+                                 options.negative_prompt or "")
+
+
+def with_pipeline_text(model: sampling.DiffusionModel, pipeline: str, options: SampleOptions,
+                       what: str) -> sampling.DiffusionModel:
+  """A text-to-image run's U-Net with its pipeline's frozen parts: the VAE decodes the latents
+  and the text encoder encodes the prompts (as for the pipeline folder itself)."""
+  if options.prompt is None and options.prompts is None:
+    raise SampleInputError(f"{what} is a text-to-image run; pass --prompt or --prompts")
+  try:
+    pipeline_lib.pipeline_class(pipeline)
+    parts = pipeline_lib.load_frozen_parts(pipeline)
+  except (ValueError, FileNotFoundError) as error:
+    raise SampleInputError(f"{what} was fine-tuned from {pipeline}, which cannot be loaded: "
+                           f"{error}") from None
+  return dataclasses.replace(model, decoder=sampling.LatentDecoder(*parts.autoencoder),
+                             text=encode_option_prompts(options, parts))
 
 
 def load_checkpoint_model(options: SampleOptions
@@ -307,6 +328,8 @@ def load_checkpoint_model(options: SampleOptions
   model = sampling.DiffusionModel.from_config(
       module, params, config.diffusion,
       (config.data.image_size, config.data.image_size, config.data.channels))
+  if config.text.enabled:
+    model = with_pipeline_text(model, config.text.pipeline, options, options.workdir)
   # Unset --method: ddim for a ddpm run (its samplers are interchangeable), else the run's own.
   method = "ddim" if model.objective == "ddpm" else config.sample.sampler.method
   return model, {"checkpoint_step": step, "ema_decay": ema_decay}, {

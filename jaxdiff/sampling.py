@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff import diffusion, images
+from jaxdiff import text as text_lib
 from jaxdiff.config import DiffusionConfig
 from jaxdiff.diffusion import SamplerSettings, edm, flow
 from jaxdiff.models import autoencoder as autoencoder_lib
@@ -146,11 +147,13 @@ class DiffusionModel:
                   scheduler_kwargs: Mapping[str, Any] | None = None, *, objective: str = "ddpm",
                   sigma_data: float = edm.SIGMA_DATA) -> "DiffusionModel":
     """Reads the conditioning from a jaxdiff backbone (UNet or DiT: `num_classes`,
-    `class_dropout_prob`, `learn_sigma`), whether built from a config or a diffusers folder."""
+    `class_dropout_prob`, `learn_sigma`; a text-conditioned UNetCond has none of them), whether
+    built from a config or a diffusers folder."""
+    num_classes = getattr(module, "num_classes", 0)
     return cls(module=module, params=params, schedule=schedule, prediction=prediction,
-               image_shape=tuple(image_shape), num_classes=module.num_classes,
-               learn_sigma=module.learn_sigma,
-               has_null_label=module.num_classes > 0 and module.class_dropout_prob > 0,
+               image_shape=tuple(image_shape), num_classes=num_classes,
+               learn_sigma=getattr(module, "learn_sigma", False),
+               has_null_label=num_classes > 0 and module.class_dropout_prob > 0,
                scheduler_kwargs=dict(scheduler_kwargs or {}), objective=objective,
                sigma_data=sigma_data)
 
@@ -202,9 +205,8 @@ def encode_prompts(tokenizer: Callable[[Sequence[str]], np.ndarray], encoder: nn
   """
   if not prompts:
     raise ValueError("need at least one prompt")
-  ids = tokenizer([*prompts, negative_prompt])
-  contexts = jax.jit(lambda p, i: encoder.apply({"params": p}, i).context)(encoder_params, ids)
-  contexts = np.asarray(contexts, np.float32)
+  contexts = text_lib.encode_texts(tokenizer, encoder, encoder_params,
+                                   [*prompts, negative_prompt])
   return TextConditioning(tuple(prompts), contexts[:-1], contexts[-1])
 
 

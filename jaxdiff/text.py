@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -144,3 +144,33 @@ def load_tokenizer(path: str) -> PromptTokenizer:
   bpe.add_special_tokens([AddedToken(text, special=True) for text in set(tokens.values())])
   return PromptTokenizer(bpe, max_length, vocab[tokens["bos_token"]], vocab[tokens["eos_token"]],
                          vocab[tokens["pad_token"]])
+
+
+def encode_texts(tokenizer: PromptTokenizer, encoder, encoder_params: Any, texts: Sequence[str],
+                 *, batch_size: int = 64) -> np.ndarray:
+  """Runs a text encoder once over `texts` (StableDiffusionPipeline.encode_prompt, no clip skip).
+
+  Texts go through the encoder in chunks of `batch_size` (the last one padded), so one
+  compilation serves any number of texts.
+
+  Args:
+    tokenizer: prompts [P] -> int token ids [P, L] (`load_tokenizer`; it truncates over-long
+      texts with a warning).
+    encoder: a text encoder whose output has a `context` [P, L, D] (`CLIPTextEncoder`).
+    encoder_params: its parameters.
+    texts: P >= 1 strings.
+    batch_size: texts per encoder call.
+
+  Returns:
+    float32 [P, L, D]: the context each text gives the U-Net.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (tokenising alone needs no JAX)
+  if not len(texts):
+    raise ValueError("need at least one text to encode")
+  ids = tokenizer(list(texts))
+  chunk = min(batch_size, len(ids))
+  padded = np.concatenate([ids, np.repeat(ids[-1:], -len(ids) % chunk, axis=0)])
+  run = jax.jit(lambda p, i: encoder.apply({"params": p}, i).context)
+  contexts = [np.asarray(run(encoder_params, padded[start:start + chunk]), np.float32)
+              for start in range(0, len(padded), chunk)]
+  return np.concatenate(contexts)[:len(ids)]

@@ -38,14 +38,14 @@ class PipelineParts:
   Attributes:
     class_name: the pipeline's `_class_name` (a key of `PIPELINE_PARTS`).
     denoiser: (module, params): DiT (`apply(p, x, t, y)`) or UNetCond (`apply(p, x, t,
-      context)`).
+      context)`); None from `load_frozen_parts`.
     denoiser_config: the denoiser's config.json (sample_size, in_channels, ...).
     autoencoder: (AutoencoderKL, params).
     text_encoder: (CLIPTextEncoder, params), or None for a class-conditional pipeline.
     tokenizer: the prompt tokenizer, or None.
   """
   class_name: str
-  denoiser: tuple[Any, Any]
+  denoiser: tuple[Any, Any] | None
   denoiser_config: dict
   autoencoder: tuple[Any, Any]
   text_encoder: tuple[Any, Any] | None = None
@@ -97,12 +97,24 @@ def load_pipeline(path: str, **module_overrides) -> PipelineParts:
   denoiser = convert.load_diffusers(denoiser_folder, **module_overrides)
   with open(os.path.join(denoiser_folder, "config.json")) as f:
     config = json.load(f)
+  frozen = load_frozen_parts(path, class_name, **module_overrides)
+  return dataclasses.replace(frozen, denoiser=denoiser, denoiser_config=config)
+
+
+def load_frozen_parts(path: str, class_name: str = "StableDiffusionPipeline",
+                      **module_overrides) -> PipelineParts:
+  """The parts that stay frozen when the denoiser is trained: the autoencoder and (text-to-image)
+  the text encoder and tokenizer; `denoiser` is None in the result.
+
+  Raises:
+    FileNotFoundError, ValueError: as `load_pipeline`.
+  """
   autoencoder = convert.load_diffusers(os.path.join(path, "vae"), **module_overrides)
   if not isinstance(autoencoder[0], AutoencoderKL):
     raise ValueError(f"{path}/vae holds a {type(autoencoder[0]).__name__}, not an AutoencoderKL")
   if class_name == "DiTPipeline":
-    return PipelineParts(class_name, denoiser, config, autoencoder)
+    return PipelineParts(class_name, None, {}, autoencoder)
   text_encoder = convert.load_clip_text_encoder(os.path.join(path, "text_encoder"),
                                                 **module_overrides)
   tokenizer = text.load_tokenizer(os.path.join(path, "tokenizer"))
-  return PipelineParts(class_name, denoiser, config, autoencoder, text_encoder, tokenizer)
+  return PipelineParts(class_name, None, {}, autoencoder, text_encoder, tokenizer)

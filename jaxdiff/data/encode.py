@@ -2,17 +2,23 @@ r"""Encodes a dataset once with a KL autoencoder into cached latents (the `laten
 
   python -m jaxdiff.data.encode --autoencoder=PATH/vae --output_dir=latents/mnist \
       --source=mnist_offline --image_size=32 --random_flip
+  python -m jaxdiff.data.encode --pipeline=PATH/stable-diffusion --output_dir=latents/photos \
+      --source=captions --folder=photos --image_size=512
 
 `--autoencoder` is a diffusers `AutoencoderKL` folder (config.json + safetensors, e.g. a DiT
-pipeline's `vae/`). The data flags are `DataConfig`'s fields (any source: mnist_offline,
-folder, tfds). With --random_flip both the image and its mirror image are encoded and stored
-(as fast-DiT does), so training can flip without running the encoder. The format is described
-in `latents.py`; a run that stops early leaves no `latents.json`, so it is never read.
+pipeline's `vae/`). `--pipeline` is a Stable Diffusion pipeline folder instead: its `vae/`
+encodes the images and, for an image–caption folder (`--source=captions`), its text encoder
+encodes each distinct caption and the empty prompt once, stored beside the latents
+(contexts.npy) for text-to-image fine-tuning. The data flags are `DataConfig`'s fields (any
+source: mnist_offline, folder, captions, tfds). With --random_flip both the image and its
+mirror image are encoded and stored (as fast-DiT does), so training can flip without running
+the encoder. The format is described in `latents.py`; a run that stops early leaves no `latents.json`, so it is never read.
 """
 import dataclasses
 import json
 import os
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -26,6 +32,33 @@ from jaxdiff.data import latents
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.pipeline import dataset_info
 from jaxdiff.data.pipeline import iterate_dataset
+from jaxdiff.data.sources import open_source
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+  """The frozen text encoder whose outputs are cached beside the latents.
+
+  Attributes:
+    tokenizer: prompts [P] -> token ids [P, L] (`jaxdiff.text.PromptTokenizer`).
+    module: the encoder (`CLIPTextEncoder`; its output's `context` is what the U-Net reads).
+    params: its parameters.
+    source: where it came from (the pipeline folder), recorded in latents.json.
+  """
+  tokenizer: Any
+  module: Any
+  params: Any
+  source: str = ""
+
+
+def encode_captions(source, text: TextEncoder, output_dir: str) -> dict:
+  """Writes contexts.npy: float32 [U + 1, L, D] for the U captions of a caption source and the
+  empty prompt; returns the latents.json entries that describe it."""
+  from jaxdiff.text import encode_texts  # pylint: disable=g-import-not-at-top
+  contexts = encode_texts(text.tokenizer, text.module, text.params, [*source.captions, ""])
+  np.save(os.path.join(output_dir, latents.CONTEXTS_FILE), contexts.astype(np.float32))
+  return {"captions": list(source.captions), "context_shape": list(contexts.shape[1:]),
+          "text_encoder": text.source}
 
 
 class _Statistics:
@@ -91,7 +124,8 @@ def _check_fits(data_info, module, params) -> None:
 
 
 def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_size: int = 64,
-                   records_per_shard: int = 10_000, autoencoder: str = "") -> dict:
+                   records_per_shard: int = 10_000, autoencoder: str = "",
+                   text: TextEncoder | None = None) -> dict:
   """Encodes every example of `cfg` in dataset order and writes a latents folder.
 
   Args:
@@ -103,6 +137,8 @@ def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_si
     batch_size: images per encoder call (rounded up to a multiple of the device count).
     records_per_shard: examples per ArrayRecord file.
     autoencoder: where the autoencoder came from, recorded in latents.json.
+    text: for an image–caption folder (source "captions"): the text encoder whose output for
+      each distinct caption (and the empty prompt) is stored beside the latents.
 
   Returns:
     The written `latents.json` contents (see `latents.read_latents_info`).
@@ -116,9 +152,13 @@ def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_si
   if os.path.exists(info_path):
     raise ValueError(f"--output_dir={output_dir!r} already holds {latents.INFO_FILE}; choose a "
                      "new folder")
+  if text is not None and cfg.source != "captions":
+    raise ValueError(f"DataConfig.source={cfg.source!r}: text embeddings are cached for an "
+                     "image–caption folder only; use --source=captions --folder=DIR")
   data_info = dataset_info(cfg)
   _check_fits(data_info, module, params)
   os.makedirs(output_dir, exist_ok=True)
+  text_info = {} if text is None else encode_captions(open_source(cfg), text, output_dir)
   batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   encode = _make_encoder(module, params, batch_size)
   variants = 2 if cfg.random_flip else 1
@@ -150,7 +190,7 @@ def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_si
       "scaling_factor": float(module.scaling_factor), "shift_factor": float(module.shift_factor),
       **stats.summary(), "files": files, "image_size": data_info.image_size,
       "image_channels": data_info.channels, "autoencoder": autoencoder,
-      "data": dataclasses.asdict(cfg),
+      "data": dataclasses.asdict(cfg), **text_info,
   }
   with open(info_path + ".tmp", "w") as f:
     json.dump(info, f, indent=2)
@@ -174,6 +214,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("autoencoder", None,
                       "diffusers AutoencoderKL folder (config.json + safetensors).",
                       flag_values=flag_values)
+  flags.DEFINE_string("pipeline", None,
+                      "Instead of --autoencoder: a StableDiffusionPipeline folder (its vae/, and "
+                      "for --source=captions its text encoder).", flag_values=flag_values)
   flags.DEFINE_string("output_dir", None, "Folder for latents.json and the shards.",
                       flag_values=flag_values)
   flags.DEFINE_integer("batch_size", 64, "Images per encoder call (all devices).",
@@ -187,21 +230,44 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def run(flag: flags.FlagValues = flags.FLAGS) -> dict:
   """Encodes per the (parsed) flags; returns the latents.json contents."""
   from jaxdiff.convert import load_diffusers  # pylint: disable=g-import-not-at-top
-  if not flag.autoencoder or not flag.output_dir:
-    raise ValueError("--autoencoder=PATH (a diffusers AutoencoderKL folder) and "
-                     "--output_dir=DIR are required")
+  if (flag.autoencoder is None) == (flag.pipeline is None) or not flag.output_dir:
+    raise ValueError("--output_dir=DIR and one of --autoencoder=PATH (a diffusers AutoencoderKL "
+                     "folder) and --pipeline=PATH (a StableDiffusionPipeline folder) are required")
   cfg = DataConfig(**{f.name: getattr(flag, f.name) for f in _DATA_FIELDS})
-  module, params = load_diffusers(flag.autoencoder, dtype=jnp.dtype(flag.dtype))
+  dtype = jnp.dtype(flag.dtype)
+  if flag.pipeline is not None:
+    (module, params), text = _pipeline_parts(flag.pipeline, cfg, dtype)
+    autoencoder = os.path.join(os.path.abspath(flag.pipeline), "vae")
+  else:
+    module, params = load_diffusers(flag.autoencoder, dtype=dtype)
+    text, autoencoder = None, os.path.abspath(flag.autoencoder)
   if not hasattr(module, "encode"):
     raise ValueError(f"--autoencoder={flag.autoencoder!r} is a {type(module).__name__}, not "
                      "an AutoencoderKL folder")
   info = encode_dataset(cfg, module, params, flag.output_dir, batch_size=flag.batch_size,
-                        records_per_shard=flag.records_per_shard,
-                        autoencoder=os.path.abspath(flag.autoencoder))
+                        records_per_shard=flag.records_per_shard, autoencoder=autoencoder,
+                        text=text)
   print(f"wrote {info['num_examples']} x {info['variants']} latents {info['latent_shape']} to "
         f"{flag.output_dir} (channel std {np.round(info['channel_std'], 4).tolist()}, "
         f"suggested scaling_factor {info['suggested_scaling_factor']:.5f})")
   return info
+
+
+def _pipeline_parts(path: str, cfg: DataConfig,
+                    dtype) -> tuple[tuple[Any, Any], TextEncoder | None]:
+  """(autoencoder, text encoder) of a Stable Diffusion pipeline folder; the text encoder only for
+  a caption source. A missing part is named (`jaxdiff.convert.pipeline`)."""
+  from jaxdiff.convert import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  if not pipeline_lib.is_pipeline(path):
+    raise ValueError(f"--pipeline={path!r} holds no {pipeline_lib.INDEX_FILE}: give a folder "
+                     "written by StableDiffusionPipeline.save_pretrained")
+  if pipeline_lib.pipeline_class(path) != "StableDiffusionPipeline":
+    raise ValueError(f"--pipeline={path!r} is not a StableDiffusionPipeline folder")
+  parts = pipeline_lib.load_frozen_parts(path, dtype=dtype)
+  if cfg.source != "captions":
+    return parts.autoencoder, None
+  return parts.autoencoder, TextEncoder(parts.tokenizer, *parts.text_encoder,
+                                        source=os.path.abspath(path))
 
 
 def main(argv):

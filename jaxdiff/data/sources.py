@@ -1,4 +1,5 @@
-"""Random-access image sources: a prepared TFDS dataset, a folder of images, offline MNIST.
+"""Random-access image sources: a prepared TFDS dataset, a folder of images, offline MNIST
+(and image–caption folders, `captions.py`).
 
 Every source is a picklable sequence (so grain worker processes can hold it) whose item `i` is
 `{"image": uint8 [S, S, C] at the configured size, "label": int32 []}`, in a fixed order.
@@ -176,6 +177,10 @@ def open_source(cfg: DataConfig, split: str | None = None) -> ImageSource | Late
     raise ValueError(f"source={cfg.source!r} has a single split; got split={split!r}")
   if cfg.source == "folder":
     return FolderSource(cfg)
+  if cfg.source == "captions":
+    # Imported here: captions.py builds on this module.
+    from jaxdiff.data.captions import CaptionFolderSource  # pylint: disable=g-import-not-at-top
+    return CaptionFolderSource(cfg)
   return MnistOfflineSource(cfg)
 
 

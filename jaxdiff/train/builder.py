@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from jaxdiff import sampling
 from jaxdiff.config import Config, check_run, parse_config
 from jaxdiff.data import DatasetInfo, dataset_info
+from jaxdiff.data import latents
 from jaxdiff.diffusion import Schedule, make_schedule
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train import state as state_lib
@@ -46,6 +47,8 @@ class Run:
     lr_schedule: learning rate per step (logged).
     abstract_state: TrainState of ShapeDtypeStructs carrying their shardings.
     shardings: TrainState of NamedShardings.
+    null_context: a text-to-image run's empty-prompt embedding float32 [L, D] (what caption
+      dropout substitutes, read from the latents cache), else None.
   """
   config_dict: ml_collections.ConfigDict
   config: Config
@@ -57,6 +60,7 @@ class Run:
   lr_schedule: optax.Schedule
   abstract_state: state_lib.TrainState
   shardings: state_lib.TrainState
+  null_context: np.ndarray | None = None
 
 
 def build_run(config_dict: ml_collections.ConfigDict, *, info: DatasetInfo | None = None,
@@ -84,7 +88,16 @@ def build_run(config_dict: ml_collections.ConfigDict, *, info: DatasetInfo | Non
   return Run(config_dict=config_dict, config=config, info=info, mesh=mesh, model=model,
              schedule=make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
              tx=tx, lr_schedule=lr_schedule,
-             abstract_state=sharding_lib.with_shardings(shapes, shardings), shardings=shardings)
+             abstract_state=sharding_lib.with_shardings(shapes, shardings), shardings=shardings,
+             null_context=_null_context(config))
+
+
+def _null_context(config: Config) -> np.ndarray | None:
+  """The empty prompt's embedding stored with a text-to-image run's cached caption embeddings."""
+  if not config.text.enabled:
+    return None
+  directory = config.data.latents_dir
+  return np.array(latents.read_contexts(directory, latents.read_latents_info(directory))[-1])
 
 
 def root_key(seed: int, stream: int, mesh: Mesh) -> jax.Array:
@@ -96,11 +109,15 @@ def root_key(seed: int, stream: int, mesh: Mesh) -> jax.Array:
 def init_state(run: Run) -> state_lib.TrainState:
   """Fresh state created directly with its shardings (never materialised on one device)."""
   config = run.config
+  key = lambda: jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM)
+  if config.text.enabled and config.text.init_from_pipeline:
+    # Fine-tuning: the pipeline's weights, passed as an argument (not baked into the program).
+    create = lambda params: state_lib.create_state(lambda _: params, run.tx,
+                                                   config.train.ema_decays, key())
+    return jax.jit(create, out_shardings=run.shardings)(state_lib.pipeline_params(config))
   init = state_lib.init_params_fn(run.model, run.info.image_size, run.info.channels,
-                                  config.model.class_conditional)
-  create = lambda: state_lib.create_state(
-      init, run.tx, config.train.ema_decays,
-      jax.random.fold_in(jax.random.key(config.seed), INIT_STREAM))
+                                  config.model.class_conditional, state_lib.context_dim(config))
+  create = lambda: state_lib.create_state(init, run.tx, config.train.ema_decays, key())
   return jax.jit(create, out_shardings=run.shardings)()
 
 
@@ -112,7 +129,8 @@ def make_step_fn(run: Run) -> Callable[..., tuple[state_lib.TrainState, dict]]:
       run.mesh, run.shardings, apply_fn=run.model.apply, tx=run.tx,
       lr_schedule=run.lr_schedule, schedule=run.schedule, diffusion=config.diffusion,
       conditional=config.model.class_conditional, learn_sigma=config.model.learn_sigma,
-      ema_decays=config.train.ema_decays, skip_nonfinite=config.train.skip_nonfinite_updates)
+      ema_decays=config.train.ema_decays, skip_nonfinite=config.train.skip_nonfinite_updates,
+      caption_dropout_prob=config.text.caption_dropout_prob, null_context=run.null_context)
 
 
 def make_ema_sampler(run: Run, stream: int, batch_size: int) -> Callable[..., np.ndarray]:

@@ -115,6 +115,11 @@ def model_signature(config: Config, info: DatasetInfo) -> dict[str, Any]:
   for field, value in sorted(config.model.overrides.items()):
     if f"overrides.{field}" not in _NON_STRUCTURAL:
       signature[f"model.overrides.{field}"] = value
+  if config.text.enabled:  # the pipeline U-Net's layout (its weights may change on resume)
+    model = state_lib.make_model(config, info)
+    signature["text.pipeline U-Net"] = repr(sorted(
+        (f.name, getattr(model, f.name)) for f in dataclasses.fields(model)
+        if f.name not in ("dropout", "dtype", "param_dtype", "parent", "name")))
   return signature
 
 
@@ -243,8 +248,9 @@ def restore_for_inference(workdir: str, step: int | None = None):
     step: checkpoint step; None for the latest.
 
   Returns:
-    (config, model, params, ema_params): the parsed `Config` (with `data.channels` resolved to
-    the dataset's), the Flax module, the raw params and {decay (float): EMA params}.
+    (config, model, params, ema_params): the parsed `Config` (with `data.image_size` and
+    `data.channels` resolved to the dataset's: the latents' for cached latents), the Flax
+    module, the raw params and {decay (float): EMA params}.
 
   Raises:
     CheckpointError: no checkpoint, or unreadable.
@@ -261,8 +267,8 @@ def restore_for_inference(workdir: str, step: int | None = None):
     except ConfigError as error:
       raise CheckpointError(f"checkpoint step {step} has an invalid config: {error}") from None
     info = DatasetInfo(**saved["dataset"])
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data,
-                                                                  channels=info.channels))
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, image_size=info.image_size, channels=info.channels))
     replicated = sharding_lib.replicated(sharding_lib.make_mesh(1))
     model = state_lib.make_model(config, info)
     tx, _ = state_lib.make_optimizer(config.optimizer, config.train.num_steps)

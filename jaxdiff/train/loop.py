@@ -47,12 +47,15 @@ def next_batches(iterator, k: int, sharding) -> dict[str, jax.Array]:
   """k local batches stacked to [k, B_local, ...] and assembled into global arrays [k, B, ...].
 
   The train step's "image" is the data the diffusion runs on: the images, or the cached
-  autoencoder latents of a `latents` source (so the encoder never runs in the step).
+  autoencoder latents of a `latents` source (so the encoder never runs in the step); cached
+  caption embeddings travel as "context".
   """
   local = [next(iterator) for _ in range(k)]
   data = "latent" if "latent" in local[0] else "image"
   stacked = {"image": np.stack([b[data] for b in local]),
              "label": np.stack([b["label"] for b in local])}
+  if "context" in local[0]:
+    stacked["context"] = np.stack([b["context"] for b in local])
   return sharding_lib.global_batch(stacked, sharding)
 
 

@@ -4,17 +4,20 @@ The state holds arrays only; the model's `apply` and the optax transformation ar
 step function separately, so the whole state is one checkpointable pytree.
 """
 
+import os
 from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxdiff.config import Config, OptimizerConfig, model_fields
+from jaxdiff.config import (Config, ConfigError, OptimizerConfig, model_fields,
+                            pipeline_unet_config)
 from jaxdiff.data import DatasetInfo
-from jaxdiff.models import build_model
+from jaxdiff.models import UNetCond, build_model
 
 
 @flax.struct.dataclass
@@ -106,25 +109,54 @@ def update_ema(ema_params: dict[str, Any], params: Any, ema_decays: Sequence[flo
   return new
 
 
-def init_params_fn(model, image_size: int, channels: int, conditional: bool
-                   ) -> Callable[[jax.Array], Any]:
-  """key -> freshly initialised params of `model` for [image_size, image_size, channels] images."""
+def init_params_fn(model, image_size: int, channels: int, conditional: bool,
+                   context_dim: int = 0) -> Callable[[jax.Array], Any]:
+  """key -> freshly initialised params of `model` for [image_size, image_size, channels] images
+  (conditioned on labels, on a text context [B, S, context_dim] when context_dim > 0, or on
+  nothing)."""
   def init(key):
     x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if conditional else None
+    if context_dim:
+      y = jnp.zeros((1, 1, context_dim), jnp.float32)
     return model.init({"params": key, "dropout": key}, x, t, y, train=False)["params"]
   return init
 
 
 def make_model(config: Config, info: DatasetInfo) -> nn.Module:
-  """The Flax module of `config` for the dataset `info`."""
-  return build_model(config.model.name, **model_fields(config.model, info))
+  """The Flax module of `config` for the dataset `info` (a text-to-image run: the U-Net of
+  `config.text.pipeline`, its layout read from unet/config.json)."""
+  if not config.text.enabled:
+    return build_model(config.model.name, **model_fields(config.model, info))
+  from jaxdiff.convert.unet_cond import unet_cond_fields  # pylint: disable=g-import-not-at-top
+  try:
+    fields = unet_cond_fields(pipeline_unet_config(config.text.pipeline))
+  except ValueError as error:
+    raise ConfigError(f"config.text.pipeline={config.text.pipeline!r}: its U-Net is not "
+                      f"supported: {error}") from None
+  return UNetCond(**{**fields, **config.model.overrides}, dtype=getattr(jnp, config.model.dtype),
+                  param_dtype=jnp.float32)
+
+
+def context_dim(config: Config) -> int:
+  """Width of the text context a text-to-image run's U-Net cross-attends to; 0 otherwise."""
+  if not config.text.enabled:
+    return 0
+  return int(pipeline_unet_config(config.text.pipeline).get("cross_attention_dim", 1280))
+
+
+def pipeline_params(config: Config) -> Any:
+  """The U-Net weights of `config.text.pipeline` in the layout of `make_model`, float32."""
+  from jaxdiff.convert import load_diffusers  # pylint: disable=g-import-not-at-top
+  _, params = load_diffusers(os.path.join(config.text.pipeline, "unet"))
+  return jax.tree.map(lambda p: np.asarray(p, np.float32), params)
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, config: Config,
                    info: DatasetInfo) -> TrainState:
   """The TrainState of `model` and `tx` as ShapeDtypeStructs, without allocating anything."""
-  init = init_params_fn(model, info.image_size, info.channels, config.model.class_conditional)
+  init = init_params_fn(model, info.image_size, info.channels, config.model.class_conditional,
+                        context_dim(config))
   return jax.eval_shape(lambda key: create_state(init, tx, config.train.ema_decays, key),
                         jax.random.key(0))

@@ -6,6 +6,10 @@ example's timestep and noise come from `fold_in(step_key, global_index)`; the mo
 With partitionable threefry these values are the same on 1 or N devices, so the loss trajectory
 is too (up to reduction order).
 
+Text-to-image batches carry each example's caption embedding ("context" [B, L, D]); caption
+dropout replaces example i's by the empty prompt's embedding when a Bernoulli draw from
+`fold_in(example_key_i, CAPTION_STREAM)` says so, so it too is independent of the device count.
+
 `objective_loss` dispatches on `config.diffusion.objective`: ddpm (`diffusion_loss` at integer t),
 flow (`flow.flow_matching_loss`, the model fed t · T) or edm (`edm.edm_loss` of the preconditioned
 network, which receives c_noise = ¼ ln σ as its timestep).
@@ -27,6 +31,9 @@ from jaxdiff.train.state import TrainState, update_ema
 
 # fold_in constant of the dropout key: above any global example index, so never an example's key.
 DROPOUT_STREAM = 2**31 - 1
+# fold_in constant of an example's caption-dropout draw, below DROPOUT_STREAM (keys of the
+# example's own tree: its timestep and noise come from splitting it, never from fold_in).
+CAPTION_STREAM = 2**31 - 2
 NUM_TIME_BINS = 4
 
 
@@ -34,12 +41,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
                apply_fn: Callable[..., jax.Array], tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule, schedule: Schedule, diffusion: DiffusionConfig,
                conditional: bool, learn_sigma: bool, ema_decays: tuple[float, ...],
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               skip_nonfinite: bool = False, caption_dropout_prob: float = 0.0,
+               null_context: Any = None) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch.
 
   Args:
     state: current train state.
-    batch: {"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B]} (global batch).
+    batch: {"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B]} (global batch), and
+      for a text-to-image model "context": float32 [B, L, D], which the model receives in place
+      of labels.
     key: base key of the run; the step's key is fold_in(key, state.step).
     apply_fn: the model's `apply`.
     tx: optimizer.
@@ -51,6 +61,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     ema_decays: EMA rates, matching `state.ema_params`.
     skip_nonfinite: when the loss or gradient norm is NaN/Inf, keep params, EMA and optimizer
       state unchanged (the step counter still advances, so the data position does too).
+    caption_dropout_prob: probability of replacing an example's context by `null_context`.
+    null_context: float32 [L, D], the empty prompt's embedding (with caption dropout).
 
   Returns:
     (new state, metrics): scalars "train/loss", "train/grad_norm" (before clipping),
@@ -63,6 +75,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   labels = batch["label"] if conditional else None
   example_keys = per_example_keys(step_key, jnp.arange(x0.shape[0]))
   dropout_key = jax.random.fold_in(step_key, DROPOUT_STREAM)
+  if "context" in batch:
+    labels = batch["context"]
+    if caption_dropout_prob > 0:
+      labels, _ = caption_dropout(labels, null_context, example_keys, caption_dropout_prob)
 
   def loss_fn(params):
     def model_fn(x_t, timesteps):
@@ -85,6 +101,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   if skip_nonfinite:
     new_state, metrics["train/skipped_update"] = _keep_if_nonfinite(state, new_state, metrics)
   return new_state, metrics
+
+
+def caption_dropout(context: jax.Array, null_context: Any, example_keys: jax.Array,
+                    prob: float) -> tuple[jax.Array, jax.Array]:
+  """Replaces captions by the empty prompt with probability `prob` (classifier-free guidance).
+
+  Args:
+    context: [B, L, D] caption embeddings.
+    null_context: [L, D] the empty prompt's embedding.
+    example_keys: [B] keys of the examples; example i's draw is
+      bernoulli(fold_in(example_keys[i], CAPTION_STREAM), prob).
+    prob: dropout probability.
+
+  Returns:
+    (context with the dropped rows replaced [B, L, D], dropped bool [B]).
+  """
+  draw = lambda key: jax.random.bernoulli(jax.random.fold_in(key, CAPTION_STREAM), prob)
+  dropped = jax.vmap(draw)(example_keys)
+  null = jnp.asarray(null_context, context.dtype)
+  return jnp.where(dropped[:, None, None], null[None], context), dropped
 
 
 def _keep_if_nonfinite(old: TrainState, new: TrainState, metrics: dict) -> tuple[TrainState, jax.Array]:
