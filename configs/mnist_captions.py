@@ -13,7 +13,7 @@ frozen autoencoder's latents and the text encoder's caption embeddings once, the
 
 The paths are the defaults of `--config.text.pipeline` and `--config.data.latents_dir`. Each
 digit is captioned "a handwritten digit N"; captions are dropped (replaced by the empty
-prompt's embedding) 10% of the time, so guidance can pick the digit named in the prompt
+prompt's embedding) 10% of the time (base's text.caption_dropout_prob), so guidance can pick the digit named in the prompt
 (experiments/t2i_digits.py measures how often it does).
 """
 
@@ -26,7 +26,6 @@ def get_config(arg: str | None = None):
   config = base.get_config()
   config.model.name = "pipeline"  # the U-Net of text.pipeline
   config.text.pipeline = f"{SETUP}/pipeline"
-  config.text.caption_dropout_prob = 0.1
   config.data.source = "latents"
   config.data.latents_dir = f"{SETUP}/cache"
   config.data.latent_sampling = "mean"  # a random autoencoder's posterior noise is not informative
@@ -39,7 +38,6 @@ def get_config(arg: str | None = None):
   config.train.num_steps = 2000
   config.train.batch_size = 64
   config.train.ema_decays = (0.99,)
-  config.train.log_every = 100
   config.train.sample_every = 0  # no grids during training: sample with --prompt afterwards
   config.checkpoint.every_steps = 500
   config.sample.clip_denoised = False  # latents are not confined to [-1, 1]

@@ -289,20 +289,38 @@ def encode_option_prompts(options: SampleOptions,
                                  options.negative_prompt or "")
 
 
-def with_pipeline_text(model: sampling.DiffusionModel, pipeline: str, options: SampleOptions,
-                       what: str) -> sampling.DiffusionModel:
-  """A text-to-image run's U-Net with its pipeline's frozen parts: the VAE decodes the latents
-  and the text encoder encodes the prompts (as for the pipeline folder itself)."""
+def with_pipeline(model: sampling.DiffusionModel, pipeline: str, options: SampleOptions,
+                  defaults: dict) -> tuple[sampling.DiffusionModel, dict]:
+  """A text-to-image run's U-Net with the frozen parts of the pipeline it was fine-tuned from.
+
+  The VAE decodes the latents and the text encoder encodes the prompts. When the pipeline's
+  scheduler config describes the run's own noise schedule and prediction, its options
+  (steps_offset, set_alpha_to_one, ...) and default method, spacing and clipping apply too, so
+  the run samples exactly as the pipeline folder does with the fine-tuned U-Net in it.
+
+  Returns:
+    (model, setting defaults), see `load_model`.
+  """
   if options.prompt is None and options.prompts is None:
-    raise SampleInputError(f"{what} is a text-to-image run; pass --prompt or --prompts")
+    raise SampleInputError(f"{options.workdir} is a text-to-image run; pass --prompt or --prompts")
+  what = f"{options.workdir} was fine-tuned from {pipeline}, which"
   try:
     pipeline_lib.pipeline_class(pipeline)
     parts = pipeline_lib.load_frozen_parts(pipeline)
   except (ValueError, FileNotFoundError) as error:
-    raise SampleInputError(f"{what} was fine-tuned from {pipeline}, which cannot be loaded: "
-                           f"{error}") from None
-  return dataclasses.replace(model, decoder=sampling.LatentDecoder(*parts.autoencoder),
-                             text=encode_option_prompts(options, parts))
+    raise SampleInputError(f"{what} cannot be loaded: {error}") from None
+  model = dataclasses.replace(model, decoder=sampling.LatentDecoder(*parts.autoencoder),
+                              text=encode_option_prompts(options, parts))
+  if model.objective != "ddpm":
+    return model, defaults
+  schedule, prediction, kwargs, scheduler_defaults = diffusers_scheduler(
+      dataclasses.replace(options, diffusers=pipeline))
+  same = (prediction == model.prediction and schedule.num_timesteps
+          == model.schedule.num_timesteps and np.allclose(
+              schedule.alphas_cumprod, model.schedule.alphas_cumprod, rtol=1e-6, atol=0))
+  if not same:
+    return model, defaults
+  return dataclasses.replace(model, scheduler_kwargs=kwargs), scheduler_defaults
 
 
 def load_checkpoint_model(options: SampleOptions
@@ -328,13 +346,13 @@ def load_checkpoint_model(options: SampleOptions
   model = sampling.DiffusionModel.from_config(
       module, params, config.diffusion,
       (config.data.image_size, config.data.image_size, config.data.channels))
-  if config.text.enabled:
-    model = with_pipeline_text(model, config.text.pipeline, options, options.workdir)
   # Unset --method: ddim for a ddpm run (its samplers are interchangeable), else the run's own.
   method = "ddim" if model.objective == "ddpm" else config.sample.sampler.method
-  return model, {"checkpoint_step": step, "ema_decay": ema_decay}, {
-      "method": method,
-      "clip_denoised": model.objective == "ddpm" and config.sample.sampler.clip_denoised}
+  defaults = {"method": method,
+              "clip_denoised": model.objective == "ddpm" and config.sample.sampler.clip_denoised}
+  if config.text.enabled:
+    model, defaults = with_pipeline(model, config.text.pipeline, options, defaults)
+  return model, {"checkpoint_step": step, "ema_decay": ema_decay}, defaults
 
 
 @contextlib.contextmanager

@@ -39,3 +39,22 @@ def digits_dir(tmp_path_factory) -> str:
   """A data_dir holding the prepared `jaxdiff_test_digits` TFDS dataset (tests/tfds_digits.py)."""
   import tfds_digits  # pylint: disable=g-import-not-at-top
   return tfds_digits.prepare(str(tmp_path_factory.mktemp("tfds")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> dict[str, str]:
+  """The offline text-to-image setup of experiments/tiny_sd.py on the first 48 digits, and its
+  cache encoded by `python -m jaxdiff.data.encode --pipeline` (test_encode.py,
+  test_text_to_image.py): {"pipeline", "digits", "cache"} paths."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from experiments import tiny_sd as setup  # pylint: disable=g-import-not-at-top
+  from jaxdiff.data import encode  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tiny_sd")
+  pipeline, digits = setup.write_setup(str(root), count=48)
+  flag_values = flags.FlagValues()
+  encode.define_flags(flag_values)
+  flag_values(["encode", f"--pipeline={pipeline}", "--source=captions", f"--folder={digits}",
+               "--image_size=16", "--fit=resize", "--channels=1", "--batch_size=16",
+               f"--output_dir={root / 'cache'}", "--num_threads=0"])
+  encode.run(flag_values)
+  return {"pipeline": pipeline, "digits": digits, "cache": str(root / "cache")}

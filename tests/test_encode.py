@@ -112,3 +112,36 @@ def test_encode_dataset_takes_any_module_and_params(tmp_path, image_folder):
       encode.encode_dataset(data.DataConfig(source="folder", folder=image_folder, **{
           "image_size": 16, **bad}), module, params, str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_caption_embeddings_are_cached_once_per_caption_as_the_text_encoder_gives_them(tiny_sd):
+  from transformers import CLIPTextModel, CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  info = latents.read_latents_info(tiny_sd["cache"])
+  assert info["captions"] == [f"a handwritten digit {n}" for n in range(10)]
+  assert info["context_shape"] == [8, 32] and info["num_examples"] == 48
+  assert info["latent_shape"] == [8, 8, 4]
+  # Reference: transformers' tokenizer and CLIPTextModel on the captions and the empty prompt.
+  tokenizer = CLIPTokenizer.from_pretrained(f"{tiny_sd['pipeline']}/tokenizer")
+  model = CLIPTextModel.from_pretrained(f"{tiny_sd['pipeline']}/text_encoder").eval()
+  ids = tokenizer(info["captions"] + [""], padding="max_length", max_length=8,
+                  truncation=True, return_tensors="pt").input_ids
+  assert tokenizer.convert_ids_to_tokens(ids[3])[:6] == [  # the words are kept whole
+      "<|startoftext|>", "a</w>", "handwritten</w>", "digit</w>", "3</w>", "<|endoftext|>"]
+  with torch.no_grad():
+    want = model(ids).last_hidden_state.numpy()
+  source = latents.LatentSource(tiny_sd["cache"], random_flip=False)
+  np.testing.assert_allclose(source.contexts, want, rtol=0, atol=2e-5 * np.abs(want).max())
+  # Each record's label is its image's caption in the table: the digit of the image file.
+  captions_cfg = data.DataConfig(source="captions", folder=tiny_sd["digits"])
+  from jaxdiff.data.captions import CaptionFolderSource  # pylint: disable=g-import-not-at-top
+  images = CaptionFolderSource(captions_cfg)
+  for index in range(48):
+    assert info["captions"][source[index]["label"]] == images.caption(index)
+
+
+def test_caption_embeddings_need_a_caption_source(tmp_path, tiny_sd):
+  with pytest.raises(ValueError, match="--source=captions"):
+    encode.encode_dataset(data.DataConfig(source="mnist_offline", image_size=16, channels=1),
+                          None, None, str(tmp_path),
+                          text=encode.TextEncoder(None, None, None))
+  assert not list(tmp_path.iterdir())

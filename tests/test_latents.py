@@ -164,3 +164,38 @@ def test_worker_processes_do_not_change_latent_batches(folder):
     with_workers.close()
   for got, want in zip(batches, _take(_stream(cfg, seed=1), 4)):
     np.testing.assert_array_equal(got["latent"], want["latent"])
+
+
+def _with_captions(path, contexts) -> str:
+  """A latents folder with caption embeddings (label i % 3 is caption i % 3)."""
+  _write_folder(path)
+  info = json.loads((path / latents.INFO_FILE).read_text())
+  info.update(captions=["c0", "c1", "c2"], context_shape=list(contexts.shape[1:]),
+              text_encoder="pipeline")
+  (path / latents.INFO_FILE).write_text(json.dumps(info))
+  np.save(path / latents.CONTEXTS_FILE, contexts)
+  return str(path)
+
+
+def test_caption_embeddings_travel_with_their_latents_on_any_process_count(tmp_path):
+  contexts = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)  # 3 + empty
+  cfg = _cfg(_with_captions(tmp_path, contexts), random_flip=True)
+  single = _take(_stream(cfg, seed=2, batch=4), 4)
+  shards = [_take(_stream(cfg, 2, p, 2, batch=4), 4) for p in range(2)]
+  for step, batch in enumerate(single):
+    assert batch["context"].shape == (4, 5, 6) and batch["context"].dtype == np.float32
+    np.testing.assert_array_equal(batch["context"], contexts[batch["label"]])
+    for key in ("latent", "label", "context"):
+      np.testing.assert_array_equal(batch[key],
+                                    np.concatenate([shard[step][key] for shard in shards]))
+  np.testing.assert_array_equal(latents.LatentSource(cfg.latents_dir, random_flip=False)
+                                .contexts[-1], contexts[-1])  # the empty prompt's, last
+
+
+def test_caption_embeddings_of_the_wrong_shape_or_missing_are_refused(tmp_path):
+  path = _with_captions(tmp_path, np.zeros((3, 5, 6), np.float32))  # the empty prompt missing
+  with pytest.raises(ValueError, match=r"contexts\.npy holds float32 \(3, 5, 6\).*\(4, 5, 6\)"):
+    latents.LatentSource(path, random_flip=False)
+  (tmp_path / latents.CONTEXTS_FILE).unlink()
+  with pytest.raises(ValueError, match="contexts.npy"):
+    latents.LatentSource(path, random_flip=False)

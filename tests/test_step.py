@@ -8,6 +8,7 @@ patterns.
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +167,59 @@ def test_flow_and_edm_losses_in_the_step_equal_the_losses_written_out(objective,
     np.testing.assert_allclose(float(metrics[f"train/loss_q{q}_sum"][0]),
                                losses[bins == q].sum(), rtol=1e-5, atol=1e-6)
     assert float(metrics[f"train/loss_q{q}_count"][0]) == np.sum(bins == q)
+
+
+def test_caption_dropout_draws_each_example_from_its_own_key_at_rate_p():
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(3), jnp.arange(4000))
+  context, null = jnp.ones((4000, 2, 3)), jnp.full((2, 3), -1.0)
+  out, dropped = step_lib.caption_dropout(context, null, keys, 0.25)
+  dropped = np.asarray(dropped)
+  assert stats.binomtest(int(dropped.sum()), 4000, 0.25).pvalue > 1e-3
+  np.testing.assert_array_equal(np.asarray(out)[dropped], -np.ones((dropped.sum(), 2, 3)))
+  np.testing.assert_array_equal(np.asarray(out)[~dropped], np.ones(((~dropped).sum(), 2, 3)))
+  for i in (0, 17, 3999):  # bernoulli(fold_in(key_i, CAPTION_STREAM), p), nothing else
+    assert dropped[i] == jax.random.bernoulli(
+        jax.random.fold_in(keys[i], step_lib.CAPTION_STREAM), 0.25)
+  _, part = step_lib.caption_dropout(context[100:200], null, keys[100:200], 0.25)
+  np.testing.assert_array_equal(np.asarray(part), dropped[100:200])  # any batch split
+
+
+class _TextToy(nn.Module):
+  """A denoiser whose output depends on the text context [B, L, D] (as UNetCond's)."""
+
+  @nn.compact
+  def __call__(self, x, t, context, train=False):
+    del train
+    gate = nn.Dense(x.shape[-1])(context.mean(axis=1))[:, None, None, :]
+    return nn.Dense(x.shape[-1])(x) * gate + 0.01 * t[:, None, None, None]
+
+
+def test_the_step_feeds_each_example_its_context_or_after_dropout_the_empty_prompt():
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 4, 4, 2)).astype(np.float32),
+           "label": np.arange(8, dtype=np.int32),
+           "context": rng.normal(size=(8, 3, 5)).astype(np.float32)}
+  null = rng.normal(size=(3, 5)).astype(np.float32)
+  model = _TextToy()
+  tx, lr = state_lib.make_optimizer(OPTIMIZER, 10)
+  init = lambda key: model.init(key, batch["image"][:1], jnp.zeros((1,)),
+                                batch["context"][:1])["params"]
+  state = state_lib.create_state(init, tx, DECAYS, jax.random.key(0))
+  kwargs = dict(apply_fn=model.apply, tx=tx, lr_schedule=lr,
+                schedule=make_schedule("linear", T), diffusion=DIFFUSION, conditional=False,
+                learn_sigma=False, ema_decays=DECAYS)
+  key = jax.random.key(1)
+  with_dropout, _ = step_lib.train_step(state, batch, key, caption_dropout_prob=0.5,
+                                        null_context=null, **kwargs)
+  # The same step written out: the dropped rows replaced by hand, no dropout in the step.
+  example_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, state.step),
+                                                         jnp.arange(8))
+  dropped = np.asarray([jax.random.bernoulli(jax.random.fold_in(k, step_lib.CAPTION_STREAM),
+                                             0.5) for k in example_keys])
+  assert 0 < dropped.sum() < 8
+  replaced = {**batch, "context": np.where(dropped[:, None, None], null, batch["context"])}
+  by_hand, _ = step_lib.train_step(state, replaced, key, **kwargs)
+  without, _ = step_lib.train_step(state, batch, key, **kwargs)
+  jax.tree.map(np.testing.assert_array_equal, with_dropout.params, by_hand.params)
+  assert not np.allclose(with_dropout.params["Dense_0"]["kernel"],
+                         without.params["Dense_0"]["kernel"])

@@ -12,7 +12,8 @@ encodes each distinct caption and the empty prompt once, stored beside the laten
 (contexts.npy) for text-to-image fine-tuning. The data flags are `DataConfig`'s fields (any
 source: mnist_offline, folder, captions, tfds). With --random_flip both the image and its
 mirror image are encoded and stored (as fast-DiT does), so training can flip without running
-the encoder. The format is described in `latents.py`; a run that stops early leaves no `latents.json`, so it is never read.
+the encoder. The format is described in `latents.py`; a run that stops early leaves no
+`latents.json`, so it is never read.
 """
 import dataclasses
 import json
