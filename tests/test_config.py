@@ -272,3 +272,43 @@ def test_flow_and_edm_configs_train_two_steps_and_their_checkpoints_sample(tmp_p
       assert data["arr_0"].shape == (2, 8, 8, 1) and data["arr_0"].std() > 0
       assert str(data["method"]) == config.sample.method  # the run's own sampler
       assert not bool(data["clip_denoised"])
+
+
+def test_mnist_captions_fine_tunes_the_pipeline_unet_on_cached_captions(tmp_path):
+  (tmp_path / "model_index.json").write_text("{}")
+  config = load("mnist_captions")
+  config.text.pipeline = str(tmp_path)
+  parsed = config_lib.parse_config(config)
+  assert (parsed.model.name, parsed.data.source, parsed.diffusion.schedule) == (
+      "pipeline", "latents", "scaled_linear")
+  assert parsed.text == config_lib.TextConfig(str(tmp_path), 0.1, True)
+  assert not parsed.sample.sampler.clip_denoised and parsed.train.sample_every == 0
+  # Configs written before text-to-image parse with text-to-image off.
+  old = load("mnist_offline")
+  with old.unlocked():
+    del old["text"]
+  assert not config_lib.parse_config(old).text.enabled
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(data__source="mnist_offline"), "data.source"),
+    (dict(model__name="unet-tiny"), "model.name"),
+    (dict(model__overrides__channels=8), "model.overrides.channels"),
+    (dict(model__class_conditional=True), "model.class_conditional"),
+    (dict(train__sample_every=100), "train.sample_every"),
+    (dict(text__caption_dropout_prob=1.0), "text.caption_dropout_prob"),
+    (dict(text__pipeline="/nonexistent/pipeline"), "text.pipeline"),
+    (dict(text__pipeline=""), "model.name"),  # model.name="pipeline" without a pipeline
+])
+def test_bad_text_to_image_values_name_the_field(tmp_path, overrides, field):
+  (tmp_path / "model_index.json").write_text("{}")
+  config = load("mnist_captions")
+  config.text.pipeline = str(tmp_path)
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split("__")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+    config_lib.parse_config(config)

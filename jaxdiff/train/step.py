@@ -31,8 +31,8 @@ from jaxdiff.train.state import TrainState, update_ema
 
 # fold_in constant of the dropout key: above any global example index, so never an example's key.
 DROPOUT_STREAM = 2**31 - 1
-# fold_in constant of an example's caption-dropout draw, below DROPOUT_STREAM (keys of the
-# example's own tree: its timestep and noise come from splitting it, never from fold_in).
+# fold_in constant of an example's caption-dropout draw from its own key (whose timestep and noise
+# come from splitting it, never from fold_in, so the streams never meet).
 CAPTION_STREAM = 2**31 - 2
 NUM_TIME_BINS = 4
 
