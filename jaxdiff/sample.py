@@ -15,6 +15,10 @@ decodes them with its autoencoder; a StableDiffusionPipeline (unet/, vae/, text_
 tokenizer/, scheduler/) does the same conditioned on --prompt or on --prompts=FILE (one prompt
 per line; sample i gets prompt i % P), guided against --negative_prompt (default: empty).
 
+A text-to-image run (configs/mnist_captions.py: a pipeline's U-Net fine-tuned on captions)
+samples like its pipeline folder with the fine-tuned U-Net in it: --prompt/--prompts encoded by
+the pipeline's text encoder, latents decoded by its VAE, its scheduler config's options.
+
 A run trained with the flow or EDM objective (config.diffusion.objective) samples with that
 objective's samplers (see `jaxdiff.diffusion.methods_for`).
 
@@ -86,9 +90,11 @@ class SampleOptions:
   labels: tuple[int, ...] = _option(
       (), "Comma-separated class labels, cycled over the samples; empty cycles "
       "0..num_classes-1 (class-conditional models only).")
-  prompt: str | None = _option(None, "Text-to-image pipelines: the prompt of every sample.")
+  prompt: str | None = _option(
+      None, "Text-to-image pipelines and runs: the prompt of every sample.")
   prompts: str | None = _option(
-      None, "Text-to-image pipelines: a file of prompts, one per line; sample i gets prompt i % P.")
+      None, "Text-to-image pipelines and runs: a file of prompts, one per line; sample i gets "
+      "prompt i % P.")
   negative_prompt: str | None = _option(
       None, "Text-to-image pipelines, with --guidance_scale: the unconditional prompt (default "
       "empty).")
