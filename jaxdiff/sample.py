@@ -343,6 +343,7 @@ def load_checkpoint_model(options: SampleOptions
         raise SampleInputError(f"no checkpoint in {checkpoint.checkpoint_dir(options.workdir)}")
       config, module, params, ema_params = checkpoint.restore_for_inference(
           options.workdir, step)
+      info = checkpoint.saved_dataset_info(options.workdir, step)
   except checkpoint.CheckpointError as error:
     raise SampleInputError(str(error)) from None
   ema_decay = 0.0
@@ -350,8 +351,7 @@ def load_checkpoint_model(options: SampleOptions
     ema_decay = pick_ema_decay(ema_params, options.ema_decay, config.sample.ema_decay)
     params = ema_params[ema_decay]
   model = sampling.DiffusionModel.from_config(
-      module, params, config.diffusion,
-      (config.data.image_size, config.data.image_size, config.data.channels))
+      module, params, config.diffusion, (info.image_size, info.image_size, info.channels))
   # Unset --method: ddim for a ddpm run (its samplers are interchangeable), else the run's own.
   method = "ddim" if model.objective == "ddpm" else config.sample.sampler.method
   defaults = {"method": method,

@@ -62,7 +62,8 @@ def test_fine_tuning_resumes_bit_identically_and_moves_the_weights(run, tiny_sd)
   for got, want in ((params_again, params), (ema_again[0.99], ema[0.99])):
     for a, b in zip(jax_leaves(got), jax_leaves(want)):
       np.testing.assert_array_equal(a, b)
-  assert config.text.pipeline == tiny_sd["pipeline"] and config.data.image_size == 8
+  assert config.text.pipeline == tiny_sd["pipeline"]
+  assert checkpoint.saved_dataset_info(full, 4).image_size == 8  # the latents' side
   _, _, first, _ = checkpoint.restore_for_inference(full, 1)
   _, pipeline_params = _pipeline_unet(tiny_sd)
   for a, b in zip(jax_leaves(first), jax_leaves(pipeline_params)):  # lr(0) = 0: unchanged

@@ -240,6 +240,16 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return state, restored["data"]
 
 
+def saved_dataset_info(workdir: str, step: int) -> DatasetInfo:
+  """The description of the data a checkpoint was trained on (the latents' for cached latents:
+  the shape of what the model denoises)."""
+  manager = open_manager(workdir, read_only=True)
+  try:
+    return DatasetInfo(**read_config(manager, step)["dataset"])
+  finally:
+    manager.close()
+
+
 def restore_for_inference(workdir: str, step: int | None = None):
   """Loads a training checkpoint for sampling, replicated on every device.
 
@@ -248,9 +258,9 @@ def restore_for_inference(workdir: str, step: int | None = None):
     step: checkpoint step; None for the latest.
 
   Returns:
-    (config, model, params, ema_params): the parsed `Config` (with `data.image_size` and
-    `data.channels` resolved to the dataset's: the latents' for cached latents), the Flax
-    module, the raw params and {decay (float): EMA params}.
+    (config, model, params, ema_params): the parsed `Config` (with `data.channels` resolved to
+    the dataset's for an image source), the Flax module, the raw params and {decay (float): EMA
+    params}. The shape the model was trained on is `saved_dataset_info(workdir, step)`'s.
 
   Raises:
     CheckpointError: no checkpoint, or unreadable.
@@ -267,8 +277,9 @@ def restore_for_inference(workdir: str, step: int | None = None):
     except ConfigError as error:
       raise CheckpointError(f"checkpoint step {step} has an invalid config: {error}") from None
     info = DatasetInfo(**saved["dataset"])
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, image_size=info.image_size, channels=info.channels))
+    if config.data.source != "latents":  # a latents run's data section describes the images
+      config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                    channels=info.channels))
     replicated = sharding_lib.replicated(sharding_lib.make_mesh(1))
     model = state_lib.make_model(config, info)
     tx, _ = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
