@@ -77,6 +77,34 @@ def sample_latents(workdir: str, prompts_file: str, scale: float, count: int,
   return np.asarray(z, np.float64).reshape(10, count, -1)
 
 
+def run(out: str, steps: int, samples: int = 32, scales: tuple[float, ...] = (1.0, 3.0, 5.0),
+        sampler_steps: int = 25) -> dict:
+  """Prepares, trains `steps` steps and measures; returns (and writes) the results."""
+  pipeline, cache = prepare(out)
+  config = mnist_captions.get_config(f"steps={steps}")
+  config.text.pipeline, config.data.latents_dir = pipeline, cache
+  config.train.progress_bar = False
+  workdir = os.path.join(out, f"run_{steps}")
+  loop.train(config, workdir)
+  means, flat, labels = class_means(cache)
+  results = {"steps": steps, "samples_per_digit": samples, "sampler": f"ddim{sampler_steps}",
+             "classifier_accuracy_on_training_latents": float(
+                 (nearest(means, flat) == labels).mean()), "prompted_digit_fraction": {}}
+  prompts = os.path.join(out, "digit_prompts.txt")
+  with open(prompts, "w") as f:
+    f.write("".join(f"a handwritten digit {d}\n" for d in range(10)))
+  for scale in scales:
+    z = sample_latents(workdir, prompts, scale, samples, sampler_steps)
+    hits = [nearest(means, z[d]) == d for d in range(10)]
+    results["prompted_digit_fraction"][f"{scale:g}"] = {
+        "all": float(np.mean(hits)), "per_digit": [float(np.mean(h)) for h in hits]}
+    print(f"guidance {scale:g}: {np.mean(hits):.3f} of samples are the prompted digit",
+          flush=True)
+  with open(os.path.join(out, "t2i_digits.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=mnist_captions.SETUP)
@@ -84,28 +112,7 @@ def main() -> None:
   parser.add_argument("--samples", type=int, default=32, help="Samples per digit and scale.")
   parser.add_argument("--scales", default="1,3,5", help="Guidance scales.")
   args = parser.parse_args()
-  pipeline, cache = prepare(args.out)
-  config = mnist_captions.get_config(f"steps={args.steps}")
-  config.text.pipeline, config.data.latents_dir = pipeline, cache
-  config.train.progress_bar = False
-  workdir = os.path.join(args.out, f"run_{args.steps}")
-  loop.train(config, workdir)
-  means, flat, labels = class_means(cache)
-  results = {"steps": args.steps, "samples_per_digit": args.samples,
-             "classifier_accuracy_on_training_latents": float(
-                 (nearest(means, flat) == labels).mean()), "prompted_digit_fraction": {}}
-  prompts = os.path.join(args.out, "digit_prompts.txt")
-  with open(prompts, "w") as f:
-    f.write("".join(f"a handwritten digit {d}\n" for d in range(10)))
-  for scale in map(float, args.scales.split(",")):
-    z = sample_latents(workdir, prompts, scale, args.samples, 25)
-    hits = [nearest(means, z[d]) == d for d in range(10)]
-    results["prompted_digit_fraction"][f"{scale:g}"] = {
-        "all": float(np.mean(hits)), "per_digit": [float(np.mean(h)) for h in hits]}
-    print(f"guidance {scale:g}: {np.mean(hits):.3f} of samples are the prompted digit",
-          flush=True)
-  with open(os.path.join(args.out, "t2i_digits.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  results = run(args.out, args.steps, args.samples, tuple(map(float, args.scales.split(","))))
   print(json.dumps(results, indent=2))
 
 

@@ -116,3 +116,15 @@ def test_sample_cli_on_the_run_writes_prompted_images(run, tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       f"error: {full} is a text-to-image run; pass --prompt or --prompts"]
+
+
+@pytest.mark.slow
+def test_guidance_with_a_digit_prompt_picks_that_digit(tmp_path):
+  """configs/mnist_captions.py end to end on all 5,000 captioned digits (about 10 minutes on a
+  2-core CPU): guided samples are classified as the prompted digit far above chance (0.1)."""
+  from experiments import t2i_digits  # pylint: disable=g-import-not-at-top
+  results = t2i_digits.run(str(tmp_path), steps=1500, samples=16, scales=(1.0, 4.0))
+  guided = results["prompted_digit_fraction"]["4"]
+  assert results["classifier_accuracy_on_training_latents"] > 0.5
+  assert guided["all"] > 0.5 and min(guided["per_digit"]) > 0.1
+  assert guided["all"] >= results["prompted_digit_fraction"]["1"]["all"]
