@@ -95,8 +95,6 @@ def test_the_run_samples_as_its_pipeline_with_the_fine_tuned_unet(run, tiny_sd, 
   pipeline = _samples(diffusers=tiny_sd["pipeline"], out=str(tmp_path / "pipeline"))
   assert at_step_1.shape == (4, 16, 16, 1)
   np.testing.assert_array_equal(at_step_1, pipeline)
-  trained = _samples(workdir=full, out=str(tmp_path / "trained"))  # step 4, EMA
-  assert np.abs(trained.astype(int) - pipeline).max() > 0
 
 
 def test_sample_cli_on_the_run_writes_prompted_images(run, tmp_path):
@@ -126,5 +124,5 @@ def test_guidance_with_a_digit_prompt_picks_that_digit(tmp_path):
   results = t2i_digits.run(str(tmp_path), steps=1500, samples=16, scales=(1.0, 4.0))
   guided = results["prompted_digit_fraction"]["4"]
   assert results["classifier_accuracy_on_training_latents"] > 0.5
-  assert guided["all"] > 0.5 and min(guided["per_digit"]) > 0.1
-  assert guided["all"] >= results["prompted_digit_fraction"]["1"]["all"]
+  assert guided["all"] > 0.8 and min(guided["per_digit"]) > 0.5  # 2,000 steps: 0.98, 0.88
+  assert guided["all"] > results["prompted_digit_fraction"]["1"]["all"]
