@@ -126,3 +126,27 @@ def test_guidance_with_a_digit_prompt_picks_that_digit(tmp_path):
   assert results["classifier_accuracy_on_training_latents"] > 0.5
   assert guided["all"] > 0.8 and min(guided["per_digit"]) > 0.5  # 2,000 steps: 0.98, 0.88
   assert guided["all"] > results["prompted_digit_fraction"]["1"]["all"]
+
+
+def test_a_cache_without_captions_or_from_another_pipeline_is_refused(tiny_sd, tmp_path):
+  from configs import mnist_captions  # pylint: disable=g-import-not-at-top
+  from jaxdiff.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from jaxdiff.convert import load_diffusers  # pylint: disable=g-import-not-at-top
+  from jaxdiff.data import DataConfig, encode  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import builder  # pylint: disable=g-import-not-at-top
+  config = mnist_captions.get_config()
+  config.text.pipeline, config.data.latents_dir = tiny_sd["pipeline"], tiny_sd["cache"]
+  config.train.batch_size = 8
+  assert builder.build_run(config).null_context.shape == (8, 32)
+  other = str(tmp_path / "copy_of_the_pipeline")
+  shutil.copytree(tiny_sd["pipeline"], other)
+  config.text.pipeline = other
+  with pytest.raises(ConfigError, match=r"config\.text\.pipeline=.*were encoded with"):
+    builder.build_run(config)
+  vae = load_diffusers(os.path.join(tiny_sd["pipeline"], "vae"))
+  images = DataConfig(source="captions", folder=tiny_sd["digits"], image_size=16, fit="resize",
+                      channels=1)
+  encode.encode_dataset(images, *vae, str(tmp_path / "no_text"))
+  config.text.pipeline, config.data.latents_dir = tiny_sd["pipeline"], str(tmp_path / "no_text")
+  with pytest.raises(ConfigError, match=r"config\.data\.latents_dir=.*no caption embeddings"):
+    builder.build_run(config)
