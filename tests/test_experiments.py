@@ -1,10 +1,15 @@
-"""Checks the benchmark helpers of experiments/common.py against hand computations."""
+"""Checks the benchmark helpers of experiments/common.py against hand computations, and the
+command-line checks of experiments/score_digits.py."""
 
 import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import common
@@ -131,3 +136,18 @@ def test_time_calls_records_the_load_around_the_timed_calls(monkeypatch):
   monkeypatch.setattr(common.os, "getloadavg", lambda: next(loads))
   timing = common.time_calls(lambda: jnp.ones(3), warmup=0, iters=2)
   assert (timing["load_start"], timing["load_end"]) == (0.7, 1.9)
+
+
+def test_score_digits_refuses_missing_files_and_arrays(tmp_path):
+  from experiments import score_digits  # pylint: disable=import-outside-toplevel
+  script = os.path.join(os.path.dirname(__file__), "..", "experiments", "score_digits.py")
+  missing = str(tmp_path / "samples_none.npz")
+  result = subprocess.run([sys.executable, script, missing], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: {missing} does not exist: pass the npz files written by python -m jaxdiff.sample"]
+  wrong = str(tmp_path / "wrong.npz")
+  np.savez(wrong, images=np.zeros((2, 32, 32, 1), np.uint8))
+  with pytest.raises(ValueError, match="no arr_0"):
+    score_digits.score_file(None, wrong)
