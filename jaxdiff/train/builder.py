@@ -25,8 +25,8 @@ from jax.sharding import Mesh
 from jaxdiff import sampling
 from jaxdiff.config import Config, check_run, parse_config
 from jaxdiff.data import DatasetInfo, dataset_info
-from jaxdiff.diffusion import Schedule, make_schedule
 from jaxdiff.data import latents as latents_lib
+from jaxdiff.diffusion import Schedule, make_schedule
 from jaxdiff.train import checkpoint as checkpoint_lib
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train import state as state_lib
