@@ -82,9 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.skip_bad_records = False  # Skip and count unreadable records (else stop).
 
   config.autoencoder = ml_collections.ConfigDict()
-  # Latent diffusion (data.source=latents): the autoencoder whose latents the run trains on; it decodes
-  # previews and samples. A jaxdiff autoencoder run's workdir (its EMA params) or a diffusers AutoencoderKL folder.
-  config.autoencoder.path = ""
+  config.autoencoder.path = ""  # data.source=latents: the autoencoder of the latents (decodes previews, samples): a jaxdiff autoencoder run's workdir (EMA params) or a diffusers AutoencoderKL folder.
   config.autoencoder.loss_type = "l1"  # task=autoencoder: reconstruction loss l1 | l2 (LDM: l1).
   config.autoencoder.kl_weight = 1e-6  # task=autoencoder: weight of KL(q(z|x) || N(0, I)), per image element as LDM's.
 

@@ -2,7 +2,7 @@
 
   python -m jaxdiff.train --config=configs/mnist_autoencoder.py --workdir=runs/mnist_autoencoder
 
-`kl-f4-small` (about 0.6M parameters) maps 32x32x1 digits to 8x8x4 latents. The loss is base's
+`kl-f4-small` (about 0.95M parameters) maps 32x32x1 digits to 8x8x4 latents. The loss is base's
 `autoencoder` section: LDM's reconstruction (L1) + 1e-6 * KL(q(z|x) || N(0, I)), per image
 element, without LDM's perceptual (LPIPS) and adversarial terms. Previews (runs/mnist_autoencoder/samples/step_XXXXXX.png) show
 each of the first 36 digits beside its reconstruction from the EMA params. On a CPU this is
