@@ -311,16 +311,15 @@ def load_checkpoint_model(options: SampleOptions
             f"{options.workdir} is an autoencoder run (task={config.task!r}); it has no sampler: "
             "encode a dataset with it (python -m jaxdiff.data.encode --autoencoder=WORKDIR) and "
             "train a latent run")
-      decoder = latent_decoder(options, config, step)
+      decoder, latent_shape = latent_decoder(options, config, step)
   except checkpoint.CheckpointError as error:
     raise SampleInputError(str(error)) from None
   ema_decay = 0.0
   if options.use_ema:
     ema_decay = pick_ema_decay(ema_params, options.ema_decay, config.sample.ema_decay)
     params = ema_params[ema_decay]
-  model = sampling.DiffusionModel.from_config(
-      module, params, config.diffusion,
-      (config.data.image_size, config.data.image_size, config.data.channels))
+  shape = latent_shape or (config.data.image_size, config.data.image_size, config.data.channels)
+  model = sampling.DiffusionModel.from_config(module, params, config.diffusion, shape)
   model = dataclasses.replace(model, decoder=decoder)
   # Unset --method: ddim for a ddpm run (its samplers are interchangeable), else the run's own.
   method = "ddim" if model.objective == "ddpm" else config.sample.sampler.method
@@ -329,13 +328,14 @@ def load_checkpoint_model(options: SampleOptions
       "clip_denoised": model.objective == "ddpm" and config.sample.sampler.clip_denoised}
 
 
-def latent_decoder(options: SampleOptions, config, step: int) -> sampling.LatentDecoder | None:
-  """A latent run's autoencoder at the scale of its latents (stored in the checkpoint); None for
-  a pixel-space run."""
+def latent_decoder(options: SampleOptions, config, step: int
+                   ) -> tuple[sampling.LatentDecoder | None, tuple[int, int, int] | None]:
+  """(a latent run's autoencoder at the scale of its latents, the latents' shape (h, w, c)), both
+  stored in the checkpoint; (None, None) for a pixel-space run."""
   if config.data.source != "latents":
     if options.autoencoder is not None:
       raise SampleInputError("--autoencoder is for latent runs; this run trained on images")
-    return None
+    return None, None
   path = options.autoencoder or config.autoencoder.path
   field = "--autoencoder" if options.autoencoder else "the run's config.autoencoder.path"
   if not path:
@@ -346,7 +346,8 @@ def latent_decoder(options: SampleOptions, config, step: int) -> sampling.Latent
   if latents is None:
     raise SampleInputError(f"checkpoint step {step} of {options.workdir} predates stored latent "
                            "scales; it cannot be decoded")
-  return sampling.LatentDecoder(*checkpoint.load_latent_autoencoder(path, latents, field))
+  decoder = sampling.LatentDecoder(*checkpoint.load_latent_autoencoder(path, latents, field))
+  return decoder, tuple(latents["latent_shape"])
 
 
 @contextlib.contextmanager

@@ -254,7 +254,8 @@ def restore_for_inference(workdir: str, step: int | None = None):
 
   Returns:
     (config, model, params, ema_params): the parsed `Config` (with `data.channels` resolved to
-    the dataset's), the Flax module, the raw params and {decay (float): EMA params}.
+    the dataset's; a latent run's latent shape is the checkpoint config's "latents" entry), the
+    Flax module, the raw params and {decay (float): EMA params}.
 
   Raises:
     CheckpointError: no checkpoint, or unreadable.
@@ -271,9 +272,9 @@ def restore_for_inference(workdir: str, step: int | None = None):
     except ConfigError as error:
       raise CheckpointError(f"checkpoint step {step} has an invalid config: {error}") from None
     info = DatasetInfo(**saved["dataset"])
-    # A latent run's data.image_size is that of the encoded images; the model's is the latents'.
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, image_size=info.image_size, channels=info.channels))
+    if config.data.source != "latents":  # a latent run's data section describes its images
+      config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                    channels=info.channels))
     replicated = sharding_lib.replicated(sharding_lib.make_mesh(1))
     model = state_lib.make_model(config, info)
     tx, _ = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
