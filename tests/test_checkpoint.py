@@ -96,6 +96,7 @@ def autoencoder_config():
   return config
 
 
+@pytest.mark.slow  # three in-process autoencoder runs: about 80 s on 2 loaded cores
 def test_autoencoder_run_resumes_bitwise(tmp_path_factory, runs):
   """task=autoencoder goes through the same state, checkpoints and resume as diffusion."""
   ae = straight_and_resumed(autoencoder_config, tmp_path_factory)
