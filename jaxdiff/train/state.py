@@ -14,7 +14,7 @@ import optax
 
 from jaxdiff.config import Config, OptimizerConfig, model_fields
 from jaxdiff.data import DatasetInfo
-from jaxdiff.models import build_model
+from jaxdiff.models import AutoencoderKL, build_autoencoder, build_model
 
 
 @flax.struct.dataclass
@@ -108,9 +108,12 @@ def update_ema(ema_params: dict[str, Any], params: Any, ema_decays: Sequence[flo
 
 def init_params_fn(model, image_size: int, channels: int, conditional: bool
                    ) -> Callable[[jax.Array], Any]:
-  """key -> freshly initialised params of `model` for [image_size, image_size, channels] images."""
+  """key -> freshly initialised params of `model` for [image_size, image_size, channels] images
+  (a denoiser, called with x, t, y; or an `AutoencoderKL`, called with x)."""
   def init(key):
     x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+    if isinstance(model, AutoencoderKL):
+      return model.init(key, x)["params"]
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if conditional else None
     return model.init({"params": key, "dropout": key}, x, t, y, train=False)["params"]
@@ -118,8 +121,11 @@ def init_params_fn(model, image_size: int, channels: int, conditional: bool
 
 
 def make_model(config: Config, info: DatasetInfo) -> nn.Module:
-  """The Flax module of `config` for the dataset `info`."""
-  return build_model(config.model.name, **model_fields(config.model, info))
+  """The Flax module of `config` for the dataset `info` (task=autoencoder: an AutoencoderKL)."""
+  fields = model_fields(config.model, info, config.task)
+  if config.task == "autoencoder":
+    return build_autoencoder(config.model.name, **fields)
+  return build_model(config.model.name, **fields)
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, config: Config,
