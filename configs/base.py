@@ -21,9 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the full default configuration, with the variants in `arg` applied."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds init, data order, per-step keys and the sample-grid noise.
+  config.task = "diffusion"  # diffusion (a denoiser; model.name from MODEL_SIZES) | autoencoder (a KL autoencoder; model.name from AUTOENCODER_SIZES).
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "dit-s/2"  # Entry of jaxdiff.models.MODEL_SIZES (dit-*/unet-*); "pipeline": the U-Net of text.pipeline.
+  config.model.name = "dit-s/2"  # Entry of jaxdiff.models.MODEL_SIZES (dit-*/unet-*); task=autoencoder: of AUTOENCODER_SIZES (kl-*); "pipeline": the U-Net of text.pipeline.
   config.model.class_conditional = False  # Condition on the dataset's labels (num_classes).
   config.model.class_dropout_prob = 0.0  # Label dropout for classifier-free guidance (> 0 adds the null label).
   config.model.learn_sigma = False  # Also predict the variance (2C outputs; adds the VLB term).
@@ -79,6 +80,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_threads = 4  # Reader threads per process.
   config.data.prefetch = 4  # Batches read ahead per process.
   config.data.skip_bad_records = False  # Skip and count unreadable records (else stop).
+
+  config.autoencoder = ml_collections.ConfigDict()
+  config.autoencoder.path = ""  # data.source=latents: the autoencoder of the latents (decodes previews, samples): a jaxdiff autoencoder run's workdir (EMA params) or a diffusers AutoencoderKL folder.
+  config.autoencoder.loss_type = "l1"  # task=autoencoder: reconstruction loss l1 | l2 (LDM: l1).
+  config.autoencoder.kl_weight = 1e-6  # task=autoencoder: weight of KL(q(z|x) || N(0, I)), per image element as LDM's.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4  # Peak learning rate (AdamW).
@@ -181,9 +187,13 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None,
 def _make_tiny(config: ml_collections.ConfigDict) -> None:
   """A model and run small enough for a CPU test: seconds per step, a handful of steps."""
   is_dit = config.model.name.startswith("dit")
-  config.model.name = "dit-tiny" if is_dit else "unet-tiny"
-  if is_dit:
-    config.model.overrides.patch_size = None
+  if config.task == "autoencoder":
+    config.model.name = "kl-tiny"
+  else:
+    config.model.name = "dit-tiny" if is_dit else "unet-tiny"
+  if is_dit:  # dit-tiny's own size, whatever the experiment's DiT was
+    for field in ("hidden_size", "depth", "num_heads", "patch_size"):
+      config.model.overrides[field] = None
   config.model.dtype = "float32"
   config.data.image_size = 16
   config.diffusion.num_timesteps = 100

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
   config.model.learn_sigma = True
   config.data.source = "latents"
   config.data.latents_dir = "latents/imagenet256"  # written by the encode command above
+  config.autoencoder.path = "path/to/sd-vae-ft-ema"  # decodes previews and samples; set yours
   config.data.random_flip = True
   config.optimizer.warmup_steps = 0
   config.optimizer.grad_clip_norm = 0.0

@@ -4,7 +4,8 @@ For each model, batch size and sampler, times one jitted `jaxdiff.diffusion.samp
 reverse process is one `lax.scan`) and, as its baseline, bare forward passes in one jitted
 `lax.scan` of the model alone (on CPU 10 of them, scaled to the sampler's count); the sampler's
 overhead is `sampler time / forward-pass time - 1`. With --torch, the same architecture in diffusers sampled
-by diffusers' DDIMScheduler / DPMSolverMultistepScheduler (eager loop), and its bare forwards.
+by diffusers' DDIMScheduler / DPMSolverMultistepScheduler (eager loop), and its bare forwards; each
+jaxdiff call and its diffusers counterpart are timed side by side, in alternating rounds.
 
   python experiments/bench_sample.py --models=dit-s/2 --batch_sizes=4,16 \
       --out=experiments/results/sample_dit-s2_cpu.json
@@ -77,9 +78,12 @@ def baseline_evaluations(evaluations: int) -> int:
   return min(10, evaluations) if jax.devices()[0].platform == "cpu" else evaluations
 
 
-def bench_jax(model_name: str, method: str, num_steps: int, batch: int, warmup: int,
-              iters: int) -> dict:
-  """Times the jitted sampler and a scan of the same number of bare forward passes."""
+def jax_calls(model_name: str, method: str, num_steps: int, batch: int) -> tuple[dict, dict]:
+  """Compiles the jitted sampler and a scan of bare forward passes.
+
+  Returns:
+    (record with compile times and FLOPs, {"sample": call, "forwards": call}).
+  """
   model, params, conditional = model_and_params(model_name)
   schedule = diffusion.make_schedule("linear", 1000)
   key_x, key_y = jax.random.split(jax.random.key(1))
@@ -93,8 +97,7 @@ def bench_jax(model_name: str, method: str, num_steps: int, batch: int, warmup: 
     return diffusion.sample(lambda x_t, t: model_fn(p, x_t, t), schedule, x, key,
                             method=method, num_steps=num_steps)
 
-  evaluations = number_of_evaluations(method, num_steps)
-  timed_evaluations = baseline_evaluations(evaluations)
+  timed_evaluations = baseline_evaluations(number_of_evaluations(method, num_steps))
 
   def forwards(p, x, key):
     del key
@@ -104,36 +107,50 @@ def bench_jax(model_name: str, method: str, num_steps: int, batch: int, warmup: 
 
   args = (params, x_T, jax.random.key(2))
   record = {"model": model_name, "sampler": f"{method}:{num_steps}", "batch": batch,
-            "dtype": FLAGS.dtype}
+            "dtype": FLAGS.dtype, "forwards_timed": timed_evaluations,
+            "gflops_per_image_per_eval": train_setup.forward_flops_per_image(
+                model, params, train_setup.CIFAR10_INFO, conditional) / 1e9}
+  calls = {}
   for name, fn in (("sample", sample), ("forwards", forwards)):
     compiled, compile_times = common.compile_timed(fn, *args)
-    timing = common.time_calls(lambda c=compiled: c(*args), warmup=warmup, iters=iters)
-    record.update({f"{name}_compile_s": compile_times["lower_and_compile_s"],
-                   f"{name}_s": timing["median_s"], f"{name}_timing": timing})
+    record[f"{name}_compile_s"] = compile_times["lower_and_compile_s"]
+    calls[name] = lambda c=compiled: c(*args)
   record["compile_s"] = record.pop("sample_compile_s")
-  record["forwards_timed"] = timed_evaluations
-  record["forwards_s"] *= evaluations / timed_evaluations  # scaled to the sampler's count
-  record["images_per_s"] = batch / record["sample_s"]
-  record["overhead"] = record["sample_s"] / record["forwards_s"] - 1
-  record["gflops_per_image_per_eval"] = train_setup.forward_flops_per_image(
-      model, params, train_setup.CIFAR10_INFO, conditional) / 1e9
-  return record
+  return record, calls
 
 
-def bench_torch(model_name: str, method: str, num_steps: int, batch: int, warmup: int,
-                iters: int) -> dict:
-  """Times the diffusers scheduler loop and the same number of bare forwards."""
+def torch_calls(model_name: str, method: str, num_steps: int, batch: int) -> dict:
+  """The diffusers scheduler loop and the same number of bare forwards as jaxdiff's baseline."""
   from experiments import torch_reference  # pylint: disable=import-outside-toplevel
-  evaluations = number_of_evaluations(method, num_steps)
-  timed_evaluations = baseline_evaluations(evaluations)
+  timed_evaluations = baseline_evaluations(number_of_evaluations(method, num_steps))
   sample, forwards = torch_reference.make_sampler(model_name, method, num_steps, batch,
                                                   FLAGS.dtype, num_forwards=timed_evaluations)
-  sample_t = common.torch_time_calls(sample, warmup=warmup, iters=iters)
-  forward_t = common.torch_time_calls(forwards, warmup=warmup, iters=iters)
-  forwards_s = forward_t["median_s"] * evaluations / timed_evaluations
-  return {"torch_sample_s": sample_t["median_s"], "torch_forwards_s": forwards_s,
-          "torch_images_per_s": batch / sample_t["median_s"],
-          "torch_overhead": sample_t["median_s"] / forwards_s - 1}
+  return {"torch_sample": common.torch_call(sample), "torch_forwards": common.torch_call(forwards)}
+
+
+def bench(model_name: str, method: str, num_steps: int, batch: int, warmup: int,
+          iters: int) -> dict:
+  """One record: jaxdiff's sampler and bare forwards, and diffusers' with --torch, each pair
+  timed side by side in alternating rounds."""
+  record, calls = jax_calls(model_name, method, num_steps, batch)
+  if FLAGS.torch:
+    calls.update(torch_calls(model_name, method, num_steps, batch))
+  for part in ("sample", "forwards"):
+    pair = {name: call for name, call in calls.items() if name.endswith(part)}
+    for name, timing in common.time_side_by_side(pair, warmup=warmup, iters=iters).items():
+      record[f"{name}_timing"] = timing
+      record[f"{name}_s"] = timing["median_s"]
+  evaluations = number_of_evaluations(method, num_steps)
+  scale = evaluations / record["forwards_timed"]  # forwards scaled to the sampler's count
+  record["images_per_s"] = batch / record["sample_s"]
+  record["forwards_s"] *= scale
+  record["overhead"] = record["sample_s"] / record["forwards_s"] - 1
+  if FLAGS.torch:
+    record["torch_forwards_s"] *= scale
+    record["torch_images_per_s"] = batch / record["torch_sample_s"]
+    record["torch_overhead"] = record["torch_sample_s"] / record["torch_forwards_s"] - 1
+    record["speedup"] = record["images_per_s"] / record["torch_images_per_s"]
+  return record
 
 
 def main(argv):
@@ -149,10 +166,7 @@ def main(argv):
     for sampler in FLAGS.samplers:
       method, num_steps = sampler.split(":")
       for batch in batches:
-        record = bench_jax(model_name, method, int(num_steps), batch, warmup, iters)
-        if FLAGS.torch:
-          record.update(bench_torch(model_name, method, int(num_steps), batch, warmup, iters))
-          record["speedup"] = record["images_per_s"] / record["torch_images_per_s"]
+        record = bench(model_name, method, int(num_steps), batch, warmup, iters)
         record["loadavg"] = os.getloadavg()
         records.append(record)
         print(common.format_table([record], COLUMNS).splitlines()[-1], flush=True)

@@ -15,6 +15,7 @@ Defaults suit a small CPU (batch 8, 3 timed steps); on a GPU/TPU pass e.g. --bat
 
 import os
 import sys
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,8 +56,12 @@ def _defaults() -> tuple[int, int]:
 
 
 def bench_jax(model_name: str, dtype: str, variant: str, batch: int, iters: int,
-              peak: dict) -> dict:
-  """Compiles and times jaxdiff's train step; returns one record."""
+              peak: dict, torch_step=None) -> dict:
+  """Compiles and times jaxdiff's train step; returns one record.
+
+  With `torch_step` (a `common.torch_call`), the reference step is timed side by side with
+  jaxdiff's, in alternating rounds, and its timing is added as "torch_timing".
+  """
   bench = train_setup.make_train_bench(model_name, dtype, batch)
   if variant == "single":
     bench = train_setup.single_step_variant(bench)
@@ -69,7 +74,9 @@ def bench_jax(model_name: str, dtype: str, variant: str, batch: int, iters: int,
     holder["state"], metrics = compiled(holder["state"], bench.batches, bench.key)
     return metrics
 
-  timing = common.time_calls(call, warmup=FLAGS.warmup, iters=iters)
+  calls = {"jax": call} if torch_step is None else {"jax": call, "torch": torch_step}
+  timings = common.time_side_by_side(calls, warmup=FLAGS.warmup, iters=iters)
+  timing = timings["jax"]
   memory = common.memory_record(compiled)
   step_s = timing["median_s"]
   return {
@@ -81,7 +88,9 @@ def bench_jax(model_name: str, dtype: str, variant: str, batch: int, iters: int,
       "achieved_tflops": flops["flops"] / step_s / 1e12,
       "mfu": common.mfu(flops["flops"], step_s, peak[dtype]["peak_flops_per_s"]),
       "step_mib": memory.get("device_peak_bytes", memory.get("xla_step_bytes", 0)) / 2**20,
-      "memory": memory}
+      "memory": memory, **({} if torch_step is None else {
+          "torch_step_s": timings["torch"]["median_s"], "torch_timing": timings["torch"],
+          "torch_images_per_s": batch / timings["torch"]["median_s"]})}
 
 
 def scan_compile_time(model_name: str, batch: int) -> dict:
@@ -91,13 +100,11 @@ def scan_compile_time(model_name: str, batch: int) -> dict:
   return {"model": model_name, "scan_blocks": True, **times}
 
 
-def bench_torch(model_name: str, dtype: str, batch: int, iters: int) -> dict:
-  """Times the diffusers reference train step (eager PyTorch)."""
+def torch_step(model_name: str, dtype: str, batch: int) -> tuple[Callable[[], None], float]:
+  """The diffusers reference train step (eager PyTorch) and its parameter count in millions."""
   from experiments import torch_reference  # pylint: disable=import-outside-toplevel
   step, num_params = torch_reference.make_train_step(model_name, batch, dtype)
-  timing = common.torch_time_calls(step, warmup=FLAGS.warmup, iters=iters)
-  return {"torch_params_m": num_params / 1e6, "torch_step_s": timing["median_s"],
-          "torch_images_per_s": batch / timing["median_s"], "torch_timing": timing}
+  return common.torch_call(step), num_params / 1e6
 
 
 def main(argv):
@@ -118,9 +125,12 @@ def main(argv):
   for model_name in FLAGS.models:
     for dtype in FLAGS.dtypes:
       for variant in FLAGS.variants:
-        record = bench_jax(model_name, dtype, variant, batch, iters, peak)
-        if FLAGS.torch and variant == FLAGS.variants[0]:
-          record.update(bench_torch(model_name, dtype, batch, iters))
+        reference, torch_params_m = (torch_step(model_name, dtype, batch)
+                                     if FLAGS.torch and variant == FLAGS.variants[0]
+                                     else (None, None))
+        record = bench_jax(model_name, dtype, variant, batch, iters, peak, reference)
+        if reference is not None:
+          record["torch_params_m"] = torch_params_m
           torch_rate = record["torch_images_per_s"]
         if FLAGS.torch:
           record["speedup"] = record["images_per_s"] / torch_rate

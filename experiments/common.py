@@ -11,10 +11,19 @@ Every benchmark in `experiments/` measures in the same way:
 - peak FLOP/s: the best of a few large matmuls in the same process (`measured_peak_flops`);
 - memory: `device.memory_stats()["peak_bytes_in_use"]` where the backend has it (GPU, TPU), else
   the XLA buffer sizes of the compiled program and the process's peak resident set size;
-- load: the 1-minute load average at the start and end of every timed section. A figure taken
-  while other jobs share the cores is noise, so `write_json` refuses to write a result whose load
-  went above --max_load (default 1.5, for this project's 2-core machine) unless --force is given;
-  a forced result is written with `"quiet": false` and must not be quoted as a speed claim.
+- side by side: jaxdiff and its PyTorch reference are timed in alternating rounds
+  (`time_side_by_side`), so a drift of the machine's speed during the run (clock changes,
+  neighbours on the host) reaches both sides alike;
+- load: every timed section records the 1-minute load average at its start and end, and the CPU
+  time that *other* processes used during it (`other_cpu`, in cores: the machine's busy time from
+  /proc/stat, steal included, minus this process's own CPU time, over the wall time). A figure
+  taken while other jobs share the cores is noise, so `write_json` refuses to write a result when
+  the load average was above --max_load (default 1.5, for this project's 2-core machine) when
+  the run started, or when other processes used more than --max_other_cpu cores during any timed
+  section, unless --force is given; a forced result is written with `"quiet": false` and must not
+  be quoted as a speed claim. The load average at the end of a section is recorded but cannot be
+  the test: the benchmark's own two threads raise the 1-minute average towards 2 within a minute
+  on a quiet 2-core machine.
 """
 
 import datetime
@@ -34,8 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 
 _MAX_LOAD = flags.DEFINE_float(
-    "max_load", 1.5, "Highest 1-minute load average allowed at the start or end of a timed "
-    "section; a result measured above it is not written (see --force).")
+    "max_load", 1.5, "Highest 1-minute load average allowed when the run starts; a result "
+    "measured above it is not written (see --force).")
+_MAX_OTHER_CPU = flags.DEFINE_float(
+    "max_other_cpu", 0.25, "Most cores that other processes may keep busy, on average, during a "
+    "timed section; a result measured above it is not written (see --force).")
 _FORCE = flags.DEFINE_bool(
     "force", False, "Write the result even if the machine was not quiet (marked quiet=false), "
     "for machines that are never quiet.")
@@ -83,24 +95,84 @@ def compile_timed(fn: Callable, *args, **jit_kwargs) -> tuple[Any, dict]:
                     "lower_and_compile_s": done - start}
 
 
+def machine_busy_seconds() -> float | None:
+  """CPU seconds all cores have spent busy since boot (steal included), from /proc/stat; None
+  where there is no /proc/stat."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [float(v) for v in f.readline().split()[1:]]
+  except OSError:
+    return None
+  # user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+  busy = sum(fields[:8]) - fields[3] - fields[4]
+  return busy / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMeter:
+  """The load around one timed section: the 1-minute load average at its start and end, and the
+  cores that other processes kept busy during it (machine busy time minus this process's)."""
+
+  def __init__(self):
+    self.load_start = os.getloadavg()[0]
+    self.busy_start = machine_busy_seconds()
+    self.own_start = time.process_time()
+    self.wall_start = time.perf_counter()
+
+  def record(self) -> dict:
+    """{"load_start", "load_end", "other_cpu"} (other_cpu None without /proc/stat)."""
+    wall = time.perf_counter() - self.wall_start
+    busy = machine_busy_seconds()
+    other = None
+    if busy is not None and self.busy_start is not None and wall > 0:
+      own = time.process_time() - self.own_start
+      other = max(0.0, (busy - self.busy_start - own) / wall)
+    return {"load_start": self.load_start, "load_end": os.getloadavg()[0], "other_cpu": other}
+
+
+def _summary(times: list[float]) -> dict:
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "iters": len(times), "times_s": times}
+
+
 def time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict:
   """Times `call()` (which returns arrays) `iters` times after `warmup` untimed calls.
 
   Returns:
-    {"median_s", "min_s", "max_s", "iters", "times_s", "load_start", "load_end"}: the
-    1-minute load average before the first and after the last timed call.
+    {"median_s", "min_s", "max_s", "iters", "times_s"} and the `LoadMeter` record of the timed
+    calls ("load_start", "load_end", "other_cpu").
   """
   for _ in range(warmup):
     sync(call())
   times = []
-  load_start = os.getloadavg()[0]
+  meter = LoadMeter()
   for _ in range(iters):
     start = time.perf_counter()
     sync(call())
     times.append(time.perf_counter() - start)
-  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-          "iters": iters, "times_s": times,
-          "load_start": load_start, "load_end": os.getloadavg()[0]}
+  return {**_summary(times), **meter.record()}
+
+
+def time_side_by_side(calls: dict[str, Callable[[], Any]], *, warmup: int,
+                      iters: int) -> dict[str, dict]:
+  """Times several calls in alternating rounds (a, b, a, b, ...) after `warmup` rounds.
+
+  Each call must return only when its work is done (wrap PyTorch calls with `torch_call`).
+
+  Returns:
+    name -> `time_calls`'s record; the load fields cover the whole alternating section.
+  """
+  for _ in range(warmup):
+    for call in calls.values():
+      sync(call())
+  times = {name: [] for name in calls}
+  meter = LoadMeter()
+  for _ in range(iters):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      sync(call())
+      times[name].append(time.perf_counter() - start)
+  load = meter.record()
+  return {name: {**_summary(t), **load} for name, t in times.items()}
 
 
 def xla_flops(compiled) -> float | None:
@@ -245,17 +317,21 @@ def param_count(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def torch_time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict:
-  """`time_calls` for PyTorch: synchronises CUDA if the reference runs on a GPU."""
+def torch_call(call: Callable[[], Any]) -> Callable[[], None]:
+  """`call` made to return only when its work is done (synchronises CUDA if the reference runs
+  on a GPU); returns None, so the result is not kept alive between timings."""
   import torch  # pylint: disable=import-outside-toplevel
   synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
   def timed():
-    result = call()
+    call()
     synchronize()
-    return result
+  return timed
 
-  return time_calls(lambda: (timed(), None)[1], warmup=warmup, iters=iters)
+
+def torch_time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict:
+  """`time_calls` for PyTorch."""
+  return time_calls(torch_call(call), warmup=warmup, iters=iters)
 
 
 def set_torch_threads() -> int:
@@ -280,15 +356,14 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
   return "\n".join([header, rule, *body])
 
 
-def highest_load(tree: Any) -> float:
-  """The highest `load_start` / `load_end` of any timing in `tree` (nested dicts and lists)."""
+def timings(tree: Any) -> list[dict]:
+  """Every timing record (a dict with "load_start") in `tree` (nested dicts and lists)."""
   if isinstance(tree, dict):
-    own = [float(tree[k]) for k in ("load_start", "load_end") if k in tree]
-    return max(own + [highest_load(v) for v in tree.values() if isinstance(v, (dict, list))],
-               default=0.0)
+    own = [tree] if "load_start" in tree else []
+    return own + [t for v in tree.values() if isinstance(v, (dict, list)) for t in timings(v)]
   if isinstance(tree, list):
-    return max((highest_load(v) for v in tree), default=0.0)
-  return 0.0
+    return [t for v in tree for t in timings(v)]
+  return []
 
 
 class NotQuiet(RuntimeError):
@@ -296,15 +371,30 @@ class NotQuiet(RuntimeError):
 
 
 def check_quiet(payload: dict) -> dict:
-  """Returns `payload` with "max_load" and "quiet"; NotQuiet if loaded and not --force."""
-  load = max(highest_load(payload), os.getloadavg()[0])
-  quiet = load <= _MAX_LOAD.value
-  if not quiet and not _FORCE.value:
-    raise NotQuiet(
-        f"the load average reached {load:.2f} during a timed section (above --max_load="
-        f"{_MAX_LOAD.value}): stop other jobs and run again, or pass --force to write it marked "
-        "quiet=false")
-  return {**payload, "max_load": load, "max_load_allowed": _MAX_LOAD.value, "quiet": quiet}
+  """Returns `payload` with the load summary and "quiet"; NotQuiet if loaded and not --force.
+
+  Quiet: the load average at the start of the run (payload["machine"]["loadavg_start"], else
+  the first timing's) was at most --max_load, and other processes used at most --max_other_cpu
+  cores during every timed section.
+  """
+  records = timings(payload)
+  start = payload.get("machine", {}).get("loadavg_start")
+  start_load = float(start[0]) if start else (records[0]["load_start"] if records else 0.0)
+  other = max((float(t["other_cpu"]) for t in records if t.get("other_cpu") is not None),
+              default=0.0)
+  problems = []
+  if start_load > _MAX_LOAD.value:
+    problems.append(f"the load average was {start_load:.2f} when the run started (above "
+                    f"--max_load={_MAX_LOAD.value})")
+  if other > _MAX_OTHER_CPU.value:
+    problems.append(f"other processes kept {other:.2f} cores busy during a timed section "
+                    f"(above --max_other_cpu={_MAX_OTHER_CPU.value})")
+  if problems and not _FORCE.value:
+    raise NotQuiet(" and ".join(problems) + ": stop other jobs and run again, or pass --force "
+                   "to write it marked quiet=false")
+  return {**payload, "start_load": start_load, "max_load_allowed": _MAX_LOAD.value,
+          "max_other_cpu": other, "max_other_cpu_allowed": _MAX_OTHER_CPU.value,
+          "quiet": not problems}
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -25,14 +25,14 @@ TRAIN_COLUMNS = [
     ("achieved_gflops", "GFLOP/s", ".1f"), ("peak_gflops", "matmul peak GFLOP/s", ".1f"),
     ("mfu", "MFU", ".0%"), ("step_gib", "XLA step mem (GiB)", ".2f"),
     ("torch_images_per_s", "torch img/s", ".3f"), ("speedup", "jax/torch", ".2f"),
-    ("load", "load avg (1 min)", ".1f")]
+    ("load", "load avg (1 min)", ".1f"), ("other_cpu", "others' cores", ".2f")]
 SAMPLE_COLUMNS = [
     ("model", "model", ""), ("sampler", "sampler", ""), ("batch", "batch", "d"),
     ("compile_s", "compile (s)", ".0f"), ("sample_s", "jax (s)", ".1f"),
     ("images_per_s", "jax img/s", ".4f"), ("overhead", "jax overhead", ".1%"),
     ("torch_sample_s", "torch (s)", ".1f"), ("torch_images_per_s", "torch img/s", ".4f"),
     ("torch_overhead", "torch overhead", ".1%"), ("speedup", "jax/torch", ".2f"),
-    ("load", "load avg (1 min)", ".1f")]
+    ("load", "load avg (1 min)", ".1f"), ("other_cpu", "others' cores", ".2f")]
 
 
 def _load(pattern: str) -> list[dict]:
@@ -42,8 +42,9 @@ def _load(pattern: str) -> list[dict]:
     with open(path) as f:
       payload = json.load(f)
     if payload.get("quiet") is not True:
-      print(f"- left out {path}: not measured on a quiet machine "
-            f"(max load {payload.get('max_load', 'unrecorded')})")
+      print(f"- left out {path}: not measured on a quiet machine (load at the start "
+            f"{payload.get('start_load', 'unrecorded')}, others' cores "
+            f"{payload.get('max_other_cpu', 'unrecorded')})")
       continue
     payloads.append(payload)
   return payloads
@@ -57,7 +58,8 @@ def train_rows(payloads: list[dict]) -> list[dict]:
       memory = record["memory"].get("device_peak_bytes", record["memory"].get("xla_step_bytes"))
       rows.append({**record, "variant": record.get("variant", "cli"),
                    "achieved_gflops": record["achieved_tflops"] * 1e3, "peak_gflops": peak / 1e9,
-                   "step_gib": memory / 2**30, "load": record["loadavg"][0]})
+                   "step_gib": memory / 2**30, "load": record["loadavg"][0],
+                   "other_cpu": record["timing"].get("other_cpu")})
   return rows
 
 
@@ -76,7 +78,8 @@ def main(argv):
   for scan in scans:
     print(f"\n{scan['model']} float32 step compile with scan_blocks=True: "
           f"{scan['lower_and_compile_s']:.0f} s")
-  rows = [{**r, "load": r["loadavg"][0]} for payload in sample for r in payload["records"]]
+  rows = [{**r, "load": r["loadavg"][0], "other_cpu": r["sample_timing"].get("other_cpu")}
+          for payload in sample for r in payload["records"]]
   print("\n" + common.format_table(rows, SAMPLE_COLUMNS))
 
 

@@ -19,6 +19,8 @@ from jaxdiff.diffusion.flow import TIMESTEP_SAMPLINGS
 
 MODEL_DTYPES = ("float32", "bfloat16")
 DECAYS = ("constant", "cosine")
+TASKS = ("diffusion", "autoencoder")
+RECONSTRUCTION_LOSSES = ("l1", "l2")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,17 @@ class DiffusionConfig:
   edm_p_mean: float
   edm_p_std: float
   edm_sigma_data: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig:
+  """The latent diffusion run's autoencoder, or the loss of an autoencoder run (task=autoencoder).
+
+  Defaults: checkpoints written before the section existed.
+  """
+  path: str = ""  # a jaxdiff autoencoder run's workdir or a diffusers AutoencoderKL folder
+  loss_type: str = "l1"  # reconstruction: l1 | l2
+  kl_weight: float = 1e-6  # KL(q(z|x) || N(0, I)) weight, per image element (LDM's scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +142,7 @@ PIPELINE_MODEL = "pipeline"
 @dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
+  task: str  # diffusion | autoencoder
   model: ModelConfig
   diffusion: DiffusionConfig
   data: DataConfig
@@ -138,6 +152,7 @@ class Config:
   mesh: MeshConfig
   sample: SampleConfig
   eval: EvalConfig
+  autoencoder: AutoencoderConfig = AutoencoderConfig()
   text: TextConfig = TextConfig()  # absent from configs written before text-to-image
 
 
@@ -190,8 +205,12 @@ def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
   _check(len(ema_decays) > 0 and all(0.0 < d < 1.0 for d in ema_decays), "train.ema_decays",
          ema_decays, "give one or more decay rates in (0, 1), e.g. (0.9999,)")
   sample_decay = float(config_dict.sample.ema_decay) or ema_decays[0]
+  autoencoder = (_section(config_dict, AutoencoderConfig, "autoencoder")
+                 if "autoencoder" in config_dict else AutoencoderConfig())
   config = Config(
       seed=int(config_dict.seed),
+      task=str(config_dict.get("task", "diffusion")),
+      autoencoder=autoencoder,
       model=_section(config_dict, ModelConfig, "model", overrides=overrides),
       diffusion=_section(config_dict, DiffusionConfig, "diffusion"),
       data=_data_config(config_dict.data),
@@ -204,8 +223,16 @@ def parse_config(config_dict: ml_collections.ConfigDict) -> Config:
                                        guidance_interval=tuple(config_dict.sample.guidance_interval))),
       eval=_section(config_dict, EvalConfig, "eval"),
       text=_section(config_dict, TextConfig, "text") if "text" in config_dict else TextConfig())
+  _check(config.task in TASKS, "task", config.task, f"choose one of {TASKS}")
   _check_text(config)
-  _check_model(config.model)
+  _check_model(config.model, config.task)
+  if config.task == "autoencoder":
+    _check_autoencoder_task(config)
+  _check(config.data.source != "latents" or config.task != "diffusion" or config.text.enabled
+         or bool(config.autoencoder.path), "autoencoder.path", config.autoencoder.path,
+         "a latent run (data.source='latents') needs the autoencoder of its latents, to decode "
+         "previews and samples: a jaxdiff autoencoder run's workdir or a diffusers "
+         "AutoencoderKL folder")
   _check_diffusion(config.diffusion)
   _check_objective(config)
   _check_optimizer(config.optimizer)
@@ -232,6 +259,8 @@ def _check_text(config: Config) -> None:
            "model.name='pipeline' trains the U-Net of text.pipeline; set text.pipeline to a "
            "StableDiffusionPipeline folder")
     return
+  _check(config.task == "diffusion", "task", config.task,
+         "text.pipeline fine-tunes a diffusion U-Net; use task='diffusion'")
   _check(os.path.isfile(os.path.join(text.pipeline, "model_index.json")), "text.pipeline",
          text.pipeline, "give a folder written by StableDiffusionPipeline.save_pretrained")
   _check(model.name == PIPELINE_MODEL, "model.name", model.name,
@@ -255,14 +284,23 @@ def _check_text(config: Config) -> None:
          "FID during training is not available for text-to-image runs; use 0")
 
 
-def _check_model(model: ModelConfig) -> None:
-  from jaxdiff.models import MODEL_SIZES  # pylint: disable=g-import-not-at-top
+def _model_table(task: str) -> dict[str, tuple[type, dict[str, Any]]]:
+  """name -> (module class, size fields) of the models a task trains."""
+  from jaxdiff import models  # pylint: disable=g-import-not-at-top
+  if task == "autoencoder":
+    return {name: (models.AutoencoderKL, fields)
+            for name, fields in models.AUTOENCODER_SIZES.items()}
+  return models.MODEL_SIZES
+
+
+def _check_model(model: ModelConfig, task: str) -> None:
   if model.name == PIPELINE_MODEL:  # checked by _check_text
     _check(model.dtype in MODEL_DTYPES, "model.dtype", model.dtype, f"choose one of {MODEL_DTYPES}")
     return
-  _check(model.name in MODEL_SIZES, "model.name", model.name,
-         f"choose one of {sorted(MODEL_SIZES)}")
-  module_class = MODEL_SIZES[model.name][0]
+  table = _model_table(task)
+  _check(model.name in table, "model.name", model.name,
+         f"task={task!r} trains one of {sorted(table)}")
+  module_class = table[model.name][0]
   allowed = {f.name for f in dataclasses.fields(module_class)}
   for field, value in model.overrides.items():
     _check(field in allowed, f"model.overrides.{field}", value,
@@ -270,6 +308,22 @@ def _check_model(model: ModelConfig) -> None:
   _check(model.dtype in MODEL_DTYPES, "model.dtype", model.dtype, f"choose one of {MODEL_DTYPES}")
   _check(0.0 <= model.class_dropout_prob < 1.0, "model.class_dropout_prob",
          model.class_dropout_prob, "use a probability in [0, 1)")
+
+
+def _check_autoencoder_task(config: Config) -> None:
+  """What an autoencoder run needs: images, no labels, its loss options, no FID."""
+  autoencoder, uses = config.autoencoder, "with task='autoencoder'"
+  _check(autoencoder.loss_type in RECONSTRUCTION_LOSSES, "autoencoder.loss_type",
+         autoencoder.loss_type, f"choose one of {RECONSTRUCTION_LOSSES}")
+  _check(autoencoder.kl_weight >= 0, "autoencoder.kl_weight", autoencoder.kl_weight,
+         "use 0 or a positive weight (LDM: 1e-6)")
+  _check(config.data.source != "latents", "data.source", config.data.source,
+         f"an autoencoder trains on images; choose another source {uses}")
+  _check(not config.model.class_conditional, "model.class_conditional", True,
+         f"use False {uses} (the autoencoder takes no labels)")
+  _check(not config.model.learn_sigma, "model.learn_sigma", True, f"use False {uses}")
+  _check(config.eval.fid_every == 0, "eval.fid_every", config.eval.fid_every,
+         f"use 0 {uses} (previews show reconstructions)")
 
 
 def _check_diffusion(diffusion: DiffusionConfig) -> None:
@@ -394,9 +448,13 @@ def _check_continuous_sampler(config: Config) -> None:
   _check(sampler.s_churn >= 0, "sample.s_churn", sampler.s_churn, "use 0 (deterministic) or more")
 
 
-def model_fields(model: ModelConfig, info: DatasetInfo) -> dict[str, Any]:
-  """Keyword arguments of `jaxdiff.models.build_model(model.name, **fields)`."""
+def model_fields(model: ModelConfig, info: DatasetInfo, task: str = "diffusion") -> dict[str, Any]:
+  """Keyword arguments of `jaxdiff.models.build_model(model.name, **fields)` (task=autoencoder:
+  of `build_autoencoder`)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if task == "autoencoder":
+    return dict(model.overrides, out_channels=info.channels, dtype=getattr(jnp, model.dtype),
+                param_dtype=jnp.float32)
   return dict(model.overrides, num_classes=info.num_classes if model.class_conditional else 0,
               class_dropout_prob=model.class_dropout_prob if model.class_conditional else 0.0,
               learn_sigma=model.learn_sigma, dtype=getattr(jnp, model.dtype),
@@ -415,10 +473,15 @@ def check_run(config: Config, info: DatasetInfo, num_devices: int, process_count
   if config.model.class_conditional:
     _check(info.num_classes > 0, "model.class_conditional", True,
            f"dataset {config.data.name or config.data.source!r} has no labels; set it to False")
-  if config.text.enabled:
+  if config.text.enabled:  # the pipeline's own VAE; the U-Net's layout is checked here
     check_text_cache(config, info)
-  else:
-    check_model_fits(config.model, info)
+    return
+  if config.data.source == "latents" and config.task == "diffusion":
+    _check(os.path.isdir(config.autoencoder.path), "autoencoder.path", config.autoencoder.path,
+           "no such folder; train one (configs/mnist_autoencoder.py) or give a diffusers "
+           "AutoencoderKL folder")
+  latents_dir = config.data.latents_dir if config.data.source == "latents" else None
+  check_model_fits(config.model, info, config.task, latents_dir)
 
 
 def pipeline_unet_config(pipeline: str) -> dict[str, Any]:
@@ -456,19 +519,22 @@ def check_text_cache(config: Config, info: DatasetInfo) -> None:
          f"downsampling {factor}")
 
 
-def check_model_fits(model: ModelConfig, info: DatasetInfo) -> None:
-  """Checks that the model accepts the dataset's image size (patches, U-Net downsampling)."""
-  from jaxdiff.models import MODEL_SIZES  # pylint: disable=g-import-not-at-top
-  fields = {**MODEL_SIZES[model.name][1], **model.overrides}
+def check_model_fits(model: ModelConfig, info: DatasetInfo, task: str = "diffusion",
+                     latents_dir: str | None = None) -> None:
+  """Checks that the model accepts the dataset's image size (patches, U-Net and autoencoder
+  downsampling); for cached latents (`latents_dir`) the size is the latents' side."""
+  fields = {**_model_table(task)[model.name][1], **model.overrides}
   size = info.image_size
+  field, value = ("data.latents_dir", latents_dir) if latents_dir else ("data.image_size", size)
+  what = f"the latents' side {size}" if latents_dir else "the image size"
   if "patch_size" in fields:
     patch = fields["patch_size"]
-    _check(size % patch == 0, "data.image_size", size,
-           f"must be divisible by the patch size {patch} of model {model.name!r}")
-  if "channel_mult" in fields:
-    factor = 2 ** (len(fields["channel_mult"]) - 1)
-    _check(size % factor == 0, "data.image_size", size,
-           f"must be divisible by {factor} (the downsampling of model {model.name!r})")
+    _check(size % patch == 0, field, value,
+           f"{what} must be divisible by the patch size {patch} of model {model.name!r}")
+  if "channel_mult" in fields or "block_out_channels" in fields:
+    factor = 2 ** (len(fields.get("channel_mult") or fields["block_out_channels"]) - 1)
+    _check(size % factor == 0, field, value,
+           f"{what} must be divisible by {factor} (the downsampling of model {model.name!r})")
 
 
 def to_dict(config_dict: ml_collections.ConfigDict) -> dict[str, Any]:

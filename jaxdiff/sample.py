@@ -20,7 +20,9 @@ samples like its pipeline folder with the fine-tuned U-Net in it: --prompt/--pro
 the pipeline's text encoder, latents decoded by its VAE, its scheduler config's options.
 
 A run trained with the flow or EDM objective (config.diffusion.objective) samples with that
-objective's samplers (see `jaxdiff.diffusion.methods_for`).
+objective's samplers (see `jaxdiff.diffusion.methods_for`). A latent run (data.source=latents)
+decodes its samples with its autoencoder (config.autoencoder.path, or --autoencoder: a jaxdiff
+autoencoder run or a diffusers AutoencoderKL folder) at the scale of the latents it trained on.
 
 Writes to --out (default WORKDIR/samples/), with TAG naming the checkpoint, sampler and seed:
   samples_TAG.npz  arr_0: uint8 [N, H, W, C]; arr_1: int labels [N] (class-conditional models);
@@ -104,6 +106,9 @@ class SampleOptions:
   use_ema: bool = _option(True, "Sample with the EMA parameters.")
   ema_decay: float | None = _option(
       None, "Which EMA, when the run keeps several; default: the run's config.sample.ema_decay.")
+  autoencoder: str | None = _option(
+      None, "Latent runs: the autoencoder that decodes the samples (a jaxdiff autoencoder run's "
+      "workdir or a diffusers AutoencoderKL folder); default: the run's config.autoencoder.path.")
   out: str | None = _option(
       None, "Output folder; default: WORKDIR/samples, or ./samples with --diffusers.")
   animate: bool = _option(False, "Also write a GIF of the reverse process.")
@@ -143,6 +148,9 @@ def check_options(options: SampleOptions) -> None:
     raise SampleInputError("give at most one of --prompt and --prompts (a file)")
   if options.prompts is not None and not os.path.isfile(options.prompts):
     raise SampleInputError(f"--prompts={options.prompts} is not a file")
+  if options.autoencoder is not None and options.workdir is None:
+    raise SampleInputError("--autoencoder is for latent training runs (--workdir); a diffusers "
+                           "pipeline folder decodes with its own vae/")
   if options.workdir is not None and (options.schedule or options.num_timesteps
                                       or options.prediction):
     raise SampleInputError("--schedule, --num_timesteps and --prediction are for --diffusers "
@@ -343,15 +351,25 @@ def load_checkpoint_model(options: SampleOptions
         raise SampleInputError(f"no checkpoint in {checkpoint.checkpoint_dir(options.workdir)}")
       config, module, params, ema_params = checkpoint.restore_for_inference(
           options.workdir, step)
-      info = checkpoint.saved_dataset_info(options.workdir, step)
+      if config.task != "diffusion":
+        raise SampleInputError(
+            f"{options.workdir} is an autoencoder run (task={config.task!r}); it has no sampler: "
+            "encode a dataset with it (python -m jaxdiff.data.encode --autoencoder=WORKDIR) and "
+            "train a latent run")
+      if config.text.enabled:  # decoded by its pipeline's VAE (`with_pipeline`)
+        info = checkpoint.saved_dataset_info(options.workdir, step)
+        decoder, latent_shape = None, (info.image_size, info.image_size, info.channels)
+      else:
+        decoder, latent_shape = latent_decoder(options, config, step)
   except checkpoint.CheckpointError as error:
     raise SampleInputError(str(error)) from None
   ema_decay = 0.0
   if options.use_ema:
     ema_decay = pick_ema_decay(ema_params, options.ema_decay, config.sample.ema_decay)
     params = ema_params[ema_decay]
-  model = sampling.DiffusionModel.from_config(
-      module, params, config.diffusion, (info.image_size, info.image_size, info.channels))
+  shape = latent_shape or (config.data.image_size, config.data.image_size, config.data.channels)
+  model = sampling.DiffusionModel.from_config(module, params, config.diffusion, shape)
+  model = dataclasses.replace(model, decoder=decoder)
   # Unset --method: ddim for a ddpm run (its samplers are interchangeable), else the run's own.
   method = "ddim" if model.objective == "ddpm" else config.sample.sampler.method
   defaults = {"method": method,
@@ -359,6 +377,28 @@ def load_checkpoint_model(options: SampleOptions
   if config.text.enabled:
     model, defaults = with_pipeline(model, config.text.pipeline, options, defaults)
   return model, {"checkpoint_step": step, "ema_decay": ema_decay}, defaults
+
+
+def latent_decoder(options: SampleOptions, config, step: int
+                   ) -> tuple[sampling.LatentDecoder | None, tuple[int, int, int] | None]:
+  """(a latent run's autoencoder at the scale of its latents, the latents' shape (h, w, c)), both
+  stored in the checkpoint; (None, None) for a pixel-space run."""
+  if config.data.source != "latents":
+    if options.autoencoder is not None:
+      raise SampleInputError("--autoencoder is for latent runs; this run trained on images")
+    return None, None
+  path = options.autoencoder or config.autoencoder.path
+  field = "--autoencoder" if options.autoencoder else "the run's config.autoencoder.path"
+  if not path:
+    raise SampleInputError("this latent run names no autoencoder (config.autoencoder.path); pass "
+                           "--autoencoder=PATH (the one that encoded its latents)")
+  with contextlib.closing(checkpoint.open_manager(options.workdir, read_only=True)) as manager:
+    latents = checkpoint.read_config(manager, step).get("latents")
+  if latents is None:
+    raise SampleInputError(f"checkpoint step {step} of {options.workdir} predates stored latent "
+                           "scales; it cannot be decoded")
+  decoder = sampling.LatentDecoder(*checkpoint.load_latent_autoencoder(path, latents, field))
+  return decoder, tuple(latents["latent_shape"])
 
 
 @contextlib.contextmanager

@@ -304,6 +304,12 @@ def _replicated_array(leaf, sharding: NamedSharding) -> jax.Array:
   return global_array(np.asarray(leaf), sharding)
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Every leaf of `tree` copied to every device of `mesh`, whichever process or device holds it."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda leaf: _replicated_array(leaf, sharding), tree)
+
+
 def make_sampler(batch_fn: BatchFn, mesh: Mesh, *, batch_size: int, params_shardings: Any = None,
                  progress: bool = False, require_finite: bool = True) -> SampleFn:
   """The sharded sampler, jitted once: `sample_fn(params, labels, base_key_data, first_index=0)`.

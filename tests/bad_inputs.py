@@ -55,6 +55,15 @@ CASES = [
     ("train/image size the DiT patches cannot tile", "train", [
         "--config=configs/base.py:tiny", "--config.data.image_size=15", "--workdir={root}/new"],
      "patch size 2", False),
+    ("train/latent run without an autoencoder", "train", [
+        "--config=configs/mnist_latent_dit.py:tiny", "--config.autoencoder.path=",
+        "--workdir={root}/new"], "autoencoder.path", False),
+    ("train/autoencoder with a diffusion model name", "train", [
+        "--config=configs/mnist_autoencoder.py:tiny", "--config.model.name=dit-tiny",
+        "--workdir={root}/new"], "model.name", False),
+    ("train/autoencoder with an unknown loss", "train", [
+        "--config=configs/mnist_autoencoder.py:tiny", "--config.autoencoder.loss_type=huber",
+        "--workdir={root}/new"], "autoencoder.loss_type", False),
     ("train/FID without reference statistics", "train", [
         f"--config={TRAIN}", "--config.eval.fid_every=4", "--workdir={root}/new"],
      "eval.reference_stats", False),

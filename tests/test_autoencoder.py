@@ -73,3 +73,31 @@ def test_bad_inputs_name_the_problem(tiny):
     ae.build_autoencoder("kl-f16")
   with pytest.raises(ValueError, match="channels"):
     ae.build_autoencoder("kl-tiny", channels=3)
+
+
+@pytest.mark.parametrize("loss_type", ["l1", "l2"])
+def test_autoencoder_loss_against_float64_numpy(tiny, loss_type):
+  """Reconstruction + KL per example, z_i drawn with key i, in float64 NumPy from the encoder's
+  moments, the same normal draws and the decoder's output at those z."""
+  model, params, x = tiny
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(5))
+  kl_weight = 20.0  # large, so that the KL term shows in the total
+  with jax.default_matmul_precision("highest"):
+    loss, parts = jax.jit(lambda p, x, k: ae.autoencoder_loss(
+        model.apply, p, x, k, loss_type=loss_type, kl_weight=kl_weight))(params, x, keys)
+    mean, logvar = model.apply({"params": params}, x, method=model.encode)
+    mean, logvar = np.asarray(mean, np.float64), np.asarray(logvar, np.float64)
+    eps = np.stack([np.asarray(jax.random.normal(k, mean.shape[1:])) for k in keys])
+    z = mean + np.exp(0.5 * logvar) * eps.astype(np.float64)
+    x_hat = np.asarray(model.apply({"params": params}, jnp.asarray(z, jnp.float32),
+                                   method=model.decode), np.float64)
+  error = x_hat - np.asarray(x, np.float64)
+  per_pixel = np.abs(error) if loss_type == "l1" else error**2
+  reconstruction = per_pixel.reshape(5, -1).mean(1)
+  kl = 0.5 * (mean**2 + np.exp(logvar) - 1 - logvar).reshape(5, -1).sum(1)
+  np.testing.assert_allclose(parts["reconstruction"], reconstruction, rtol=1e-5)
+  np.testing.assert_allclose(parts["kl"], kl, rtol=1e-5)
+  np.testing.assert_allclose(loss, reconstruction + kl_weight * kl / (16 * 16 * 3), rtol=1e-5)
+  assert np.all(kl_weight * kl / (16 * 16 * 3) > 0.01 * reconstruction)
+  with pytest.raises(ValueError, match="huber"):
+    ae.autoencoder_loss(model.apply, params, x, keys, loss_type="huber")

@@ -60,24 +60,65 @@ class _SigtermAfter:
     return getattr(self._iterator, name)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """A straight 4-step run, and the same command stopped by SIGTERM and run again."""
+def straight_and_resumed(make_config, tmp_path_factory):
+  """A straight run of `make_config()`, and the same run stopped by SIGTERM and run again."""
   straight_dir = str(tmp_path_factory.mktemp("straight"))
-  straight = host(loop.train(tiny_config(), straight_dir, devices=jax.devices()[:1]))
+  straight = host(loop.train(make_config(), straight_dir, devices=jax.devices()[:1]))
   resumed_dir = str(tmp_path_factory.mktemp("resumed"))
   original = loop.make_train_iterator
   loop.make_train_iterator = lambda *a, **k: _SigtermAfter(original(*a, **k), 2)
   try:
     with pytest.raises(loop.Preempted) as preempted:
-      loop.train(tiny_config(), resumed_dir, devices=jax.devices()[:1])
+      loop.train(make_config(), resumed_dir, devices=jax.devices()[:1])
   finally:
     loop.make_train_iterator = original
   steps_at_stop = checkpoint.open_manager(resumed_dir, read_only=True).all_steps()
-  resumed = host(loop.train(tiny_config(), resumed_dir, devices=jax.devices()[:1]))
+  resumed = host(loop.train(make_config(), resumed_dir, devices=jax.devices()[:1]))
   return dict(straight=straight, straight_dir=straight_dir, resumed=resumed,
               resumed_dir=resumed_dir, preempted_at=preempted.value.step,
               steps_at_stop=list(steps_at_stop))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A straight 4-step run, and the same command stopped by SIGTERM and run again."""
+  return straight_and_resumed(tiny_config, tmp_path_factory)
+
+
+def autoencoder_config():
+  """configs/mnist_autoencoder.py:tiny (kl-tiny on 16x16 digits), 4 steps, no previews."""
+  from configs import mnist_autoencoder  # pylint: disable=g-import-not-at-top
+  config = mnist_autoencoder.get_config("tiny")
+  config.train.num_steps = 4
+  config.train.sample_every = 0
+  config.checkpoint.every_steps = 2
+  config.checkpoint.max_to_keep = 5
+  return config
+
+
+@pytest.mark.slow  # three in-process autoencoder runs: about 80 s on 2 loaded cores
+def test_autoencoder_run_resumes_bitwise(tmp_path_factory, runs):
+  """task=autoencoder goes through the same state, checkpoints and resume as diffusion."""
+  ae = straight_and_resumed(autoencoder_config, tmp_path_factory)
+  assert ae["preempted_at"] == 2 and ae["steps_at_stop"] == [2]
+  assert int(ae["resumed"].step) == 4
+  for part in ("params", "ema_params", "opt_state"):
+    assert_bitwise_equal(getattr(ae["resumed"], part), getattr(ae["straight"], part))
+  assert "quant_conv" in ae["straight"].params  # an AutoencoderKL, not a denoiser
+
+  # Loading it as the autoencoder of a latent run: EMA params, the latents' scale.
+  module, params = checkpoint.load_autoencoder(ae["straight_dir"])
+  assert_bitwise_equal(params, ae["straight"].ema_params["ema_0p9"])
+  latents = {"latent_shape": [8, 8, 4], "scaling_factor": 0.5, "shift_factor": 0.25}
+  scaled, _ = checkpoint.load_latent_autoencoder(ae["straight_dir"], latents)
+  assert (scaled.scaling_factor, scaled.shift_factor, scaled.latent_channels) == (0.5, 0.25, 4)
+  assert module.scaling_factor == 1.0
+  with pytest.raises(checkpoint.CheckpointError, match="3 channels"):
+    checkpoint.load_latent_autoencoder(ae["straight_dir"], {**latents, "latent_shape": [8, 8, 3]})
+  with pytest.raises(checkpoint.CheckpointError, match="is a diffusion run"):
+    checkpoint.load_autoencoder(runs["straight_dir"])
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.load_autoencoder(ae["straight_dir"] + "_nope")
 
 
 def test_sigterm_saves_and_rerun_resumes_bitwise(runs):

@@ -14,7 +14,8 @@ from jaxdiff.data import DatasetInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("base", "cifar_dit", "cifar_unet", "fashion_mnist_unet", "fashion_mnist_dit",
-               "mnist_offline", "unet_vs_dit", "imagenet256_dit", "cifar_sit", "cifar_edm")
+               "mnist_offline", "unet_vs_dit", "imagenet256_dit", "cifar_sit", "cifar_edm",
+               "mnist_autoencoder", "mnist_latent_dit")
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,7 +28,8 @@ def test_every_config_parses(name, arg):
   parsed = config_lib.parse_config(load(name, arg))
   assert parsed.train.num_steps % parsed.train.steps_per_dispatch == 0
   if arg == "tiny":
-    assert parsed.model.name in ("dit-tiny", "unet-tiny")
+    assert parsed.model.name in ("dit-tiny", "unet-tiny", "kl-tiny")
+    assert not parsed.model.overrides.get("depth")  # tiny means the table's tiny size
     assert parsed.train.batch_size == 8 and parsed.train.num_steps <= 16
 
 
@@ -218,6 +220,40 @@ def _parse_with(name="base", **overrides):
 def test_bad_values_name_the_field(overrides, field):
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
     _parse_with(**overrides)
+
+
+@pytest.mark.parametrize("name, overrides, field", [
+    ("base", dict(task="gan"), "task"),
+    ("mnist_autoencoder", dict(model__name="dit-tiny"), "model.name"),  # not an autoencoder
+    ("base", dict(model__name="kl-tiny"), "model.name"),  # not a denoiser
+    ("mnist_autoencoder", dict(autoencoder__loss_type="huber"), "autoencoder.loss_type"),
+    ("mnist_autoencoder", dict(autoencoder__kl_weight=-1.0), "autoencoder.kl_weight"),
+    ("mnist_autoencoder", dict(model__class_conditional=True), "model.class_conditional"),
+    ("mnist_autoencoder", dict(data__source="latents", data__latents_dir="x"), "data.source"),
+    ("mnist_autoencoder", dict(model__overrides__depth=2), "model.overrides.depth"),
+    ("mnist_latent_dit", dict(autoencoder__path=""), "autoencoder.path"),
+])
+def test_bad_latent_and_autoencoder_values_name_the_field(name, overrides, field):
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+    _parse_with(name, **overrides)
+
+
+def test_latent_and_autoencoder_configs():
+  autoencoder = config_lib.parse_config(load("mnist_autoencoder"))
+  assert (autoencoder.task, autoencoder.model.name) == ("autoencoder", "kl-f4-small")
+  assert (autoencoder.autoencoder.loss_type, autoencoder.autoencoder.kl_weight) == ("l1", 1e-6)
+  latent = config_lib.parse_config(load("mnist_latent_dit"))
+  assert (latent.task, latent.data.source) == ("diffusion", "latents")
+  assert latent.autoencoder.path == "runs/mnist_autoencoder"
+  assert not latent.sample.sampler.clip_denoised
+  info = DatasetInfo(image_size=8, channels=4, num_classes=10, num_examples=100)
+  with pytest.raises(config_lib.ConfigError, match=r"autoencoder\.path=.*no such folder"):
+    config_lib.check_run(latent, info, num_devices=1, process_count=1)
+  info = DatasetInfo(image_size=32, channels=1, num_classes=10, num_examples=100)
+  config_lib.check_run(autoencoder, info, num_devices=1, process_count=1)
+  odd = DatasetInfo(image_size=30, channels=1, num_classes=10, num_examples=100)
+  with pytest.raises(config_lib.ConfigError, match=r"data\.image_size=30.*divisible by 4"):
+    config_lib.check_run(autoencoder, odd, num_devices=1, process_count=1)
 
 
 def test_check_run_refuses_bad_batch_patch_and_labels():

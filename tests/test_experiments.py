@@ -1,10 +1,15 @@
-"""Checks the benchmark helpers of experiments/common.py against hand computations."""
+"""Checks the benchmark helpers of experiments/common.py against hand computations, and the
+command-line checks of experiments/score_digits.py."""
 
 import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import common
@@ -69,22 +74,61 @@ def benchmark_flags():
 def test_a_loaded_timing_is_not_written_unless_forced(benchmark_flags, monkeypatch, tmp_path):
   monkeypatch.setattr(common.os, "getloadavg", lambda: (0.4, 0.5, 0.6))
   path = str(tmp_path / "result.json")
-  quiet = {"records": [{"timing": {"load_start": 0.3, "load_end": 1.2}}]}
+  # The end-of-section load (1.9) is the benchmark's own threads: it does not make a run loaded.
+  quiet = {"machine": {"loadavg_start": [0.3, 0.2, 0.1]},
+           "records": [{"timing": {"load_start": 0.3, "load_end": 1.9, "other_cpu": 0.1}}]}
   common.write_json(path, quiet)
   with open(path) as f:
     written = json.load(f)
-  assert written["quiet"] is True and written["max_load"] == pytest.approx(1.2)
-  loaded = {"records": [{"timing": {"load_start": 0.3, "load_end": 1.2}},
-                        {"torch": [{"load_start": 2.7, "load_end": 0.9}]}]}
-  with pytest.raises(common.NotQuiet, match="2.70.*--force"):
+  assert written["quiet"] is True and written["max_other_cpu"] == pytest.approx(0.1)
+  loaded = {"machine": {"loadavg_start": [0.3, 0.2, 0.1]},
+            "records": [{"timing": {"load_start": 0.3, "load_end": 1.2, "other_cpu": 0.1}},
+                        {"torch": [{"load_start": 0.9, "load_end": 0.9, "other_cpu": 0.8}]}]}
+  with pytest.raises(common.NotQuiet, match="0.80 cores.*--force"):
     common.write_json(path, loaded)
   with open(path) as f:
     assert json.load(f) == written  # the earlier quiet result is kept
+  busy_start = {"machine": {"loadavg_start": [2.7, 1.0, 0.5]}, "records": quiet["records"]}
+  with pytest.raises(common.NotQuiet, match="2.70 when the run started"):
+    common.write_json(path, busy_start)
   benchmark_flags["force"].value = True
   common.write_json(path, loaded)
   with open(path) as f:
     forced = json.load(f)
-  assert forced["quiet"] is False and forced["max_load"] == pytest.approx(2.7)
+  assert forced["quiet"] is False and forced["max_other_cpu"] == pytest.approx(0.8)
+
+
+def test_load_meter_counts_only_other_processes(monkeypatch):
+  """Over 10 s of wall time the machine was busy 17 CPU-seconds, 15 of them ours: others used
+  0.2 cores."""
+  clock = iter([100.0, 110.0])
+  busy = iter([1000.0, 1017.0])
+  own = iter([50.0, 65.0])
+  loads = iter([(0.7, 0, 0), (1.9, 0, 0)])
+  monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+  monkeypatch.setattr(common, "machine_busy_seconds", lambda: next(busy))
+  monkeypatch.setattr(common.time, "process_time", lambda: next(own))
+  monkeypatch.setattr(common.os, "getloadavg", lambda: next(loads))
+  record = common.LoadMeter().record()
+  assert record == {"load_start": 0.7, "load_end": 1.9, "other_cpu": pytest.approx(0.2)}
+
+
+def test_machine_busy_seconds_grows_with_our_own_work():
+  before, own_before = common.machine_busy_seconds(), common.time.process_time()
+  total = 0
+  while common.time.process_time() - own_before < 0.3:
+    total += sum(range(10000))
+  assert common.machine_busy_seconds() - before >= 0.25  # at least our own 0.3 s, up to a tick
+
+
+def test_time_side_by_side_alternates_the_calls():
+  order = []
+  calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+  timings = common.time_side_by_side(calls, warmup=1, iters=3)
+  assert order == ["a", "b"] * 4
+  assert set(timings) == {"a", "b"}
+  assert timings["a"]["iters"] == 3 and len(timings["b"]["times_s"]) == 3
+  assert {"load_start", "load_end", "other_cpu"} <= set(timings["a"])
 
 
 def test_time_calls_records_the_load_around_the_timed_calls(monkeypatch):
@@ -92,3 +136,18 @@ def test_time_calls_records_the_load_around_the_timed_calls(monkeypatch):
   monkeypatch.setattr(common.os, "getloadavg", lambda: next(loads))
   timing = common.time_calls(lambda: jnp.ones(3), warmup=0, iters=2)
   assert (timing["load_start"], timing["load_end"]) == (0.7, 1.9)
+
+
+def test_score_digits_refuses_missing_files_and_arrays(tmp_path):
+  from experiments import score_digits  # pylint: disable=import-outside-toplevel
+  script = os.path.join(os.path.dirname(__file__), "..", "experiments", "score_digits.py")
+  missing = str(tmp_path / "samples_none.npz")
+  result = subprocess.run([sys.executable, script, missing], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: {missing} does not exist: pass the npz files written by python -m jaxdiff.sample"]
+  wrong = str(tmp_path / "wrong.npz")
+  np.savez(wrong, images=np.zeros((2, 32, 32, 1), np.uint8))
+  with pytest.raises(ValueError, match="no arr_0"):
+    score_digits.score_file(None, wrong)

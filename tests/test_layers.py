@@ -1,5 +1,6 @@
 """Tests of jaxdiff.models.layers: the sinusoidal timestep embedding against diffusers'
-`get_timestep_embedding` (torch, float32) and against its closed form in float64 NumPy."""
+`get_timestep_embedding` (torch, float32) and against its closed form in float64 NumPy; the
+attention core against float64 NumPy and torch's scaled_dot_product_attention."""
 import math
 
 import jax.numpy as jnp
@@ -8,7 +9,9 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
-from jaxdiff.models.layers import timestep_embedding
+import jax
+
+from jaxdiff.models.layers import attention, timestep_embedding
 
 # Integer and fractional timesteps, including 998.4, which a bfloat16 cast would turn into 1000.
 TIMESTEPS = np.array([0.0, 1.0, 0.5, 17.25, 499.0, 998.4, 999.0], np.float32)
@@ -70,3 +73,43 @@ def test_integer_and_fractional_timesteps_give_float32_without_rounding():
   assert np.abs(fractional - closed_form([1000.0], 128)).max() > 0.1
   np.testing.assert_array_equal(np.asarray(timestep_embedding(jnp.array([0.0]), 6)),
                                 [[1, 1, 1, 0, 0, 0]])  # cos(0) first, then sin(0)
+
+
+def attention_float64(q, k, v, keep):
+  """[B, T, H, D] float64 softmax(q k^T / sqrt(D)) v with keep [B, T, S] (False: key ignored)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+  logits = np.where(keep[:, None], logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bhts,bshd->bthd", weights, v)
+
+
+@pytest.mark.parametrize("masked,causal", [(False, False), (True, False), (False, True),
+                                           (True, True)])
+def test_attention_matches_float64_softmax(masked, causal):
+  rng = np.random.default_rng(0)
+  batch, length, heads, dim = 2, 7, 3, 8
+  q, k, v = (rng.normal(size=(batch, length, heads, dim)).astype(np.float32) * 2 for _ in range(3))
+  mask = np.ones((batch, length), bool)
+  if masked:
+    mask[0, 4:] = False  # padding at the end of the first sequence
+    mask[1, 6:] = False  # (left padding with a causal mask would leave a row with no key)
+  keep = np.broadcast_to(mask[:, None, :], (batch, length, length))
+  if causal:
+    keep = keep & np.tril(np.ones((length, length), bool))
+  with jax.default_matmul_precision("highest"):
+    out = attention(q, k, v, mask=jnp.asarray(mask) if masked else None, is_causal=causal)
+  np.testing.assert_allclose(out, attention_float64(q, k, v, keep), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_torch_sdpa_and_keeps_bfloat16():
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=(2, 16, 4, 32)).astype(np.float32) for _ in range(3))
+  expected = torch.nn.functional.scaled_dot_product_attention(
+      *(torch.from_numpy(a).transpose(1, 2) for a in (q, k, v))).transpose(1, 2).numpy()
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+  low = attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), expected, atol=0.05)

@@ -56,33 +56,15 @@ def test_next_batches_feeds_cached_latents_as_the_data():
 
 
 def test_trains_on_latents_cached_by_the_encoder(tmp_path):
-  """The offline latent path end to end: images -> encode (a tiny random autoencoder) -> a
-  DiT trained on the 8x8x4 latents by the real loop, the encoder never in the step."""
+  """The offline latent path end to end: images -> encode (a tiny random diffusers
+  AutoencoderKL folder) -> a DiT trained on the 8x8x4 latents by the real loop, the encoder never
+  in the step; the preview is decoded to 16x16x3 images by that folder's decoder."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from jaxdiff import data, models  # pylint: disable=g-import-not-at-top
-  from jaxdiff.data import encode  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  for label in ("a", "b"):
-    (tmp_path / "images" / label).mkdir(parents=True)
-    for i in range(4):
-      Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
-          tmp_path / "images" / label / f"{i}.png")
-  module = models.build_autoencoder("kl-tiny")
-  params = module.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
-  cfg = data.DataConfig(source="folder", folder=str(tmp_path / "images"), image_size=16,
-                        num_threads=0)
-  encode.encode_dataset(cfg, module, params, str(tmp_path / "latents"), batch_size=8)
-  config = base.get_config("tiny")
-  config.data.source = "latents"
-  config.data.latents_dir = str(tmp_path / "latents")
-  config.model.class_conditional = True
-  config.train.num_steps = 2
-  config.train.sample_every = 0
-  config.checkpoint.every_steps = 2
-  config.checkpoint.async_save = False
-  state = loop.train(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  import latent_runs  # pylint: disable=g-import-not-at-top
+  workdir, _, state = latent_runs.make_latent_run(tmp_path, sample_every=2)
   patch_kernel = state.params["patch_embed"]["kernel"]
   assert patch_kernel.shape[2] == 4  # the DiT sees 4 latent channels, not 3 image channels
   assert int(state.step) == 2
-  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  grid = np.asarray(Image.open(os.path.join(workdir, "samples", "step_000002.png")))
+  assert grid.shape == (2 * (16 + 2) + 2, 2 * (16 + 2) + 2, 3)  # 4 decoded RGB images

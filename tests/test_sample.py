@@ -319,3 +319,42 @@ def test_cli_bad_labels_and_unknown_flags_are_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_latent_run_samples_are_decoded_like_diffusers_decodes_them(tmp_path):
+  """A DiT trained on the latents of a diffusers AutoencoderKL folder: the sample CLI's images
+  equal its latents (sampled here without a decoder, same keys and labels), unscaled by the
+  folder's scaling and shift factors and decoded by diffusers' own AutoencoderKL in PyTorch."""
+  from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  import latent_runs  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import checkpoint  # pylint: disable=g-import-not-at-top
+  workdir, vae_folder, _ = latent_runs.make_latent_run(tmp_path)
+  settings = diffusion.SamplerSettings(method="ddim", num_steps=2)
+  options = sample.SampleOptions(workdir=workdir, sampler=settings, num_samples=4, batch_size=4,
+                                 out=str(tmp_path / "out"))
+  with jax.default_matmul_precision("highest"):
+    paths = sample.run(options)
+  written = np.load(paths["npz"])["arr_0"]
+  assert written.shape == (4, 16, 16, 3)
+
+  config, module, _, ema = checkpoint.restore_for_inference(workdir)
+  model = sampling.DiffusionModel.from_config(module, ema[config.sample.ema_decay],
+                                              config.diffusion, (8, 8, 4))
+  labels = sampling.example_labels(4, (), model.num_classes)
+  batch_fn = sampling.make_batch_fn(model, dataclasses.replace(settings, clip_denoised=False))
+  with jax.default_matmul_precision("highest"):
+    z = np.asarray(batch_fn(model.params, sampling.seed_key_data(0),
+                            np.arange(4, dtype=np.int32), labels), np.float32)
+  vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+  with torch.no_grad():
+    unscaled = torch.from_numpy(z.transpose(0, 3, 1, 2).copy()) / 0.5 + 0.1
+    want = vae.decode(unscaled).sample.numpy().transpose(0, 2, 3, 1)
+  diff = np.abs(written.astype(int) - sampling.images.to_uint8(want).astype(int))
+  assert diff.max() <= 1 and np.mean(diff == 0) > 0.95
+  assert written.std() > 1  # decoded images, not a constant
+
+  with pytest.raises(sample.SampleInputError, match="--autoencoder=.*does not exist"):
+    sample.run(dataclasses.replace(options, autoencoder=str(tmp_path / "nope")))
+  with pytest.raises(sample.SampleInputError, match="--autoencoder is for latent"):
+    sample.run(dataclasses.replace(options, workdir=None, diffusers=vae_folder,
+                                   autoencoder=vae_folder))

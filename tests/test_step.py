@@ -223,3 +223,55 @@ def test_the_step_feeds_each_example_its_context_or_after_dropout_the_empty_prom
   jax.tree.map(np.testing.assert_array_equal, with_dropout.params, by_hand.params)
   assert not np.allclose(with_dropout.params["Dense_0"]["kernel"],
                          without.params["Dense_0"]["kernel"])
+
+
+def _autoencoder_step(devices, fsdp):
+  """One step of configs/mnist_autoencoder.py:tiny through build_run's jitted step on `devices`.
+
+  Returns:
+    (the run, params before the step on the host, the step's metrics on the host, the batch).
+  """
+  from configs import mnist_autoencoder  # pylint: disable=g-import-not-at-top
+  from jaxdiff.data import DatasetInfo  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import builder  # pylint: disable=g-import-not-at-top
+  config = mnist_autoencoder.get_config("tiny")
+  config.mesh.fsdp_min_size = 1
+  config.mesh.fsdp = fsdp
+  info = DatasetInfo(image_size=16, channels=1, num_classes=0, num_examples=100)
+  x = np.random.default_rng(0).uniform(-1, 1, (1, 8, 16, 16, 1)).astype(np.float32)
+  run = builder.build_run(config, info=info, devices=devices)
+  state = builder.init_state(run)
+  before = to_numpy(state.params)
+  batch = sharding_lib.global_batch({"image": x, "label": np.zeros((1, 8), np.int32)},
+                                    sharding_lib.batch_sharding(run.mesh, 1))
+  key = builder.root_key(config.seed, builder.TRAIN_STREAM, run.mesh)
+  _, metrics = builder.make_step_fn(run)(state, batch, key)
+  return run, before, jax.device_get(metrics), x[0]
+
+
+def test_autoencoder_step_draws_each_posterior_from_its_example_key():
+  """task=autoencoder through build_run's step: the loss is `autoencoder_loss` with z_i drawn
+  from fold_in(fold_in(train key, step), i)."""
+  from jaxdiff.models.autoencoder import autoencoder_loss  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import builder  # pylint: disable=g-import-not-at-top
+  run, params, metrics, x = _autoencoder_step(jax.devices()[:1], 1)
+  assert not any(name.startswith("train/loss_q") for name in metrics)
+  train_key = jax.random.fold_in(jax.random.key(run.config.seed), builder.TRAIN_STREAM)
+  keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(train_key, 0), i) for i in range(8)])
+  loss, parts = autoencoder_loss(run.model.apply, params, jnp.asarray(x), keys, loss_type="l1",
+                                 kl_weight=run.config.autoencoder.kl_weight)
+  np.testing.assert_allclose(metrics["train/loss"][0], np.mean(loss), rtol=1e-5)
+  np.testing.assert_allclose(metrics["train/reconstruction"][0],
+                             np.mean(parts["reconstruction"]), rtol=1e-5)
+  np.testing.assert_allclose(metrics["train/kl"][0], np.mean(parts["kl"]), rtol=1e-5)
+  other = jnp.stack([jax.random.fold_in(jax.random.fold_in(train_key, 1), i) for i in range(8)])
+  moved, _ = autoencoder_loss(run.model.apply, params, jnp.asarray(x), other)
+  assert abs(float(np.mean(moved)) - float(metrics["train/loss"][0])) > 1e-6  # the draw counts
+
+
+@pytest.mark.slow  # two more compilations of the autoencoder step (about a minute on 2 cores)
+def test_autoencoder_step_is_the_same_on_1_and_4_devices():
+  _, _, one, _ = _autoencoder_step(jax.devices()[:1], 1)
+  _, _, four, _ = _autoencoder_step(jax.devices(), 2)
+  for name in ("train/loss", "train/kl", "train/grad_norm"):
+    np.testing.assert_allclose(four[name], one[name], rtol=1e-5)

@@ -6,19 +6,21 @@ r"""Encodes a dataset once with a KL autoencoder into cached latents (the `laten
       --source=captions --folder=photos --image_size=512
 
 `--autoencoder` is a diffusers `AutoencoderKL` folder (config.json + safetensors, e.g. a DiT
-pipeline's `vae/`). `--pipeline` is a Stable Diffusion pipeline folder instead: its `vae/`
-encodes the images and, for an image–caption folder (`--source=captions`), its text encoder
-encodes each distinct caption and the empty prompt once, stored beside the latents
-(contexts.npy) for text-to-image fine-tuning. The data flags are `DataConfig`'s fields (any
-source: mnist_offline, folder, captions, tfds). With --random_flip both the image and its
-mirror image are encoded and stored (as fast-DiT does), so training can flip without running
-the encoder. The format is described in `latents.py`; a run that stops early leaves no
-`latents.json`, so it is never read.
+pipeline's `vae/`) or the workdir of an autoencoder trained by jaxdiff (`python -m jaxdiff.train
+--config=configs/mnist_autoencoder.py`; its EMA params). `--pipeline` is a Stable Diffusion
+pipeline folder instead: its `vae/` encodes the images and, for an image–caption folder
+(`--source=captions`), its text encoder encodes each distinct caption and the empty prompt once,
+stored beside the latents (contexts.npy) for text-to-image fine-tuning. The data flags are
+`DataConfig`'s fields (any source: mnist_offline, folder, captions, tfds). `--scaling_factor=auto`
+stores the latents at LDM's scale 1 / std (std over all encoded latents; a jaxdiff-trained
+autoencoder has no scale of its own), a number stores that scale, and the default keeps the
+autoencoder's own. With --random_flip both the image and its mirror image are encoded and stored
+(as fast-DiT does), so training can flip without running the encoder. The format is described
+in `latents.py`; a run that stops early leaves no `latents.json`, so it is never read.
 """
 import dataclasses
 import json
 import os
-import sys
 from typing import Any
 
 from absl import app
@@ -29,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import cli
 from jaxdiff.data import latents
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.pipeline import dataset_info
@@ -126,6 +129,7 @@ def _check_fits(data_info, module, params) -> None:
 
 def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_size: int = 64,
                    records_per_shard: int = 10_000, autoencoder: str = "",
+                   scaling_factor: float | str | None = None,
                    text: TextEncoder | None = None) -> dict:
   """Encodes every example of `cfg` in dataset order and writes a latents folder.
 
@@ -138,6 +142,8 @@ def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_si
     batch_size: images per encoder call (rounded up to a multiple of the device count).
     records_per_shard: examples per ArrayRecord file.
     autoencoder: where the autoencoder came from, recorded in latents.json.
+    scaling_factor: the scale stored with the latents: None keeps the module's, "auto" takes
+      1 / std of the encoded latents (LDM's rule), a positive number is used as is.
     text: for an image–caption folder (source "captions"): the text encoder whose output for
       each distinct caption (and the empty prompt) is stored beside the latents.
 
@@ -146,6 +152,9 @@ def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_si
   """
   if cfg.source == "latents":
     raise ValueError("DataConfig.source='latents' is already encoded; encode an image source")
+  if not (scaling_factor in (None, "auto") or (isinstance(scaling_factor, (int, float))
+                                                and scaling_factor > 0)):
+    raise ValueError(f"--scaling_factor={scaling_factor!r} must be 'auto' or a positive number")
   if records_per_shard < 1 or batch_size < 1:
     raise ValueError(f"batch_size={batch_size} and records_per_shard={records_per_shard} must "
                      "be >= 1")
@@ -185,11 +194,14 @@ def encode_dataset(cfg: DataConfig, module, params, output_dir: str, *, batch_si
       written += 1
   if writer is not None:
     writer.close()
+  summary = stats.summary()
+  scale = {None: module.scaling_factor, "auto": summary["suggested_scaling_factor"]}.get(
+      scaling_factor, scaling_factor)
   info = {
       "format": latents.FORMAT, "num_examples": written, "latent_shape": latent_shape,
       "variants": variants, "num_classes": data_info.num_classes,
-      "scaling_factor": float(module.scaling_factor), "shift_factor": float(module.shift_factor),
-      **stats.summary(), "files": files, "image_size": data_info.image_size,
+      "scaling_factor": float(scale), "shift_factor": float(module.shift_factor),
+      **summary, "files": files, "image_size": data_info.image_size,
       "image_channels": data_info.channels, "autoencoder": autoencoder,
       "data": dataclasses.asdict(cfg), **text_info,
   }
@@ -213,7 +225,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
               flags.DEFINE_integer if isinstance(default, int) else flags.DEFINE_string)
     define(field.name, default, f"DataConfig.{field.name}.", flag_values=flag_values)
   flags.DEFINE_string("autoencoder", None,
-                      "diffusers AutoencoderKL folder (config.json + safetensors).",
+                      "diffusers AutoencoderKL folder (config.json + safetensors), or the workdir "
+                      "of a jaxdiff autoencoder run.", flag_values=flag_values)
+  flags.DEFINE_string("scaling_factor", "",
+                      "Latent scale stored with the latents: '' the autoencoder's own, 'auto' "
+                      "1 / std of the encoded latents (LDM), or a positive number.",
                       flag_values=flag_values)
   flags.DEFINE_string("pipeline", None,
                       "Instead of --autoencoder: a StableDiffusionPipeline folder (its vae/, and "
@@ -230,24 +246,27 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def run(flag: flags.FlagValues = flags.FLAGS) -> dict:
   """Encodes per the (parsed) flags; returns the latents.json contents."""
-  from jaxdiff.convert import load_diffusers  # pylint: disable=g-import-not-at-top
+  from jaxdiff.train import checkpoint  # pylint: disable=g-import-not-at-top
   if (flag.autoencoder is None) == (flag.pipeline is None) or not flag.output_dir:
     raise ValueError("--output_dir=DIR and one of --autoencoder=PATH (a diffusers AutoencoderKL "
-                     "folder) and --pipeline=PATH (a StableDiffusionPipeline folder) are required")
+                     "folder or a jaxdiff autoencoder run) and --pipeline=PATH (a "
+                     "StableDiffusionPipeline folder) are required")
+  scaling_factor = _scaling_factor(flag.scaling_factor)
   cfg = DataConfig(**{f.name: getattr(flag, f.name) for f in _DATA_FIELDS})
   dtype = jnp.dtype(flag.dtype)
   if flag.pipeline is not None:
     (module, params), text = _pipeline_parts(flag.pipeline, cfg, dtype)
     autoencoder = os.path.join(os.path.abspath(flag.pipeline), "vae")
   else:
-    module, params = load_diffusers(flag.autoencoder, dtype=dtype)
+    try:
+      module, params = checkpoint.load_autoencoder(flag.autoencoder, "--autoencoder")
+    except checkpoint.CheckpointError as error:
+      raise ValueError(str(error)) from None
+    module = module.clone(dtype=dtype)
     text, autoencoder = None, os.path.abspath(flag.autoencoder)
-  if not hasattr(module, "encode"):
-    raise ValueError(f"--autoencoder={flag.autoencoder!r} is a {type(module).__name__}, not "
-                     "an AutoencoderKL folder")
   info = encode_dataset(cfg, module, params, flag.output_dir, batch_size=flag.batch_size,
                         records_per_shard=flag.records_per_shard, autoencoder=autoencoder,
-                        text=text)
+                        scaling_factor=scaling_factor, text=text)
   print(f"wrote {info['num_examples']} x {info['variants']} latents {info['latent_shape']} to "
         f"{flag.output_dir} (channel std {np.round(info['channel_std'], 4).tolist()}, "
         f"suggested scaling_factor {info['suggested_scaling_factor']:.5f})")
@@ -271,17 +290,23 @@ def _pipeline_parts(path: str, cfg: DataConfig,
                                         source=os.path.abspath(path))
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f"jaxdiff.data.encode: error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
+def _scaling_factor(text: str) -> float | str | None:
+  """The --scaling_factor flag: '' -> None (the autoencoder's own), 'auto', or a number."""
+  if text in ("", "auto"):
+    return text or None
   try:
-    run()
-  except (ValueError, OSError) as e:
-    print(f"jaxdiff.data.encode: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
+    return float(text)
+  except ValueError:
+    raise ValueError(f"--scaling_factor={text!r} must be empty, 'auto' or a number") from None
+
+
+def main(argv):
+  """Bad input: one `error:` line and exit status 2 (`jaxdiff.cli`), before anything is written."""
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}")
+  cli.call(lambda _: run(), None, (ValueError, OSError))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

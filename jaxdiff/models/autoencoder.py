@@ -221,6 +221,47 @@ def kl_divergence(mean: jnp.ndarray, logvar: jnp.ndarray) -> jnp.ndarray:
   return 0.5 * jnp.sum(terms.reshape(terms.shape[0], -1), axis=-1)
 
 
+def autoencoder_loss(apply_fn, params, x: jnp.ndarray, keys: jax.Array, *,
+                     loss_type: str = "l1", kl_weight: float = 1e-6
+                     ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """LDM's autoencoder objective without the perceptual and adversarial terms, per example.
+
+  z_i ~ q(z | x_i) is drawn with example i's own key, x̂_i = decode(z_i), and
+
+    loss_i = mean_pixels(|x_i - x̂_i|  or  (x_i - x̂_i)^2) + kl_weight * KL_i / (H W C),
+
+  KL_i = KL(q(z | x_i) || N(0, I)) summed over the latent (`kl_divergence`). This is LDM's
+  `LPIPSWithDiscriminator` loss at logvar = 0 with no LPIPS or GAN term (sum of the pixel error
+  plus kl_weight * KL), divided by the image's H W C elements: the same optimum and LDM's
+  meaning of kl_weight, on the scale of a per-pixel loss.
+
+  Args:
+    apply_fn: the `AutoencoderKL`'s `apply`.
+    params: its parameters.
+    x: [B, H, W, C] images in [-1, 1].
+    keys: [B] keys, one per example (the posterior draw).
+    loss_type: "l1" (LDM) or "l2".
+    kl_weight: weight of the KL term (LDM's kl-f8: 1e-6).
+
+  Returns:
+    (loss [B], {"reconstruction": [B] the pixel term, "kl": [B] KL_i}).
+  """
+  if loss_type not in ("l1", "l2"):
+    raise ValueError(f"loss_type={loss_type!r} must be 'l1' or 'l2'")
+
+  def reconstruct(module, images, example_keys):
+    mean, logvar = module.encode(images)
+    return module.decode(jax.vmap(sample_posterior)(example_keys, mean, logvar)), mean, logvar
+
+  x_hat, mean, logvar = apply_fn({"params": params}, x, keys, method=reconstruct)
+  error = x_hat - x.astype(jnp.float32)
+  error = jnp.abs(error) if loss_type == "l1" else jnp.square(error)
+  reconstruction = jnp.mean(error.reshape(error.shape[0], -1), axis=-1)
+  kl = kl_divergence(mean, logvar)
+  loss = reconstruction + kl_weight * kl / np.prod(x.shape[1:])
+  return loss, {"reconstruction": reconstruction, "kl": kl}
+
+
 def scale_latents(model: AutoencoderKL, z: jnp.ndarray) -> jnp.ndarray:
   """Autoencoder latents -> the diffusion model's scale: (z - shift) * scaling."""
   return (z - model.shift_factor) * model.scaling_factor

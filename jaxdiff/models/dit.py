@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models.layers import attention
 from jaxdiff.models.layers import timestep_embedding
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
@@ -173,7 +174,7 @@ class Attention(nn.Module):
       q = einops.rearrange(q, "b t (heads d) -> b t heads d", heads=heads)
       kv = dense(2 * width, name="key_value")(context)
       k, v = einops.rearrange(kv, "b s (kv heads d) -> kv b s heads d", kv=2, heads=heads)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = attention(q, k, v)
     return dense(width, name="out")(einops.rearrange(out, "b t heads d -> b t (heads d)"))
 
 

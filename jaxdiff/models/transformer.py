@@ -11,16 +11,17 @@ A 1x1 convolution and a per-token linear map are the same function, so the SD 1.
 (`proj_in`/`proj_out` as 1x1 convs) and the SD 2.x layout (`use_linear_projection`) share this
 module: both are Dense layers here, and the weight converter reshapes conv kernels.
 
-Precision: matmuls run in `dtype`; attention logits and softmax run in float32 (jax.nn's XLA
-path upcasts them), which is what diffusers' `upcast_attention` asks for; norms normalise in
+Precision: matmuls run in `dtype`; attention logits and softmax run in float32
+(`layers.attention`), which is what diffusers' `upcast_attention` asks for; norms normalise in
 float32.
 """
 
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from jaxdiff.models.layers import attention
 
 
 def _dense(features: int, dtype: Any, param_dtype: Any, name: str, *, use_bias: bool = True,
@@ -73,8 +74,7 @@ class Attention(nn.Module):
       return h.reshape(batch, inputs.shape[1], self.num_heads, head_dim)
 
     q, k, v = heads("query", x), heads("key", context), heads("value", context)
-    key_mask = None if mask is None else mask[:, None, None, :].astype(bool)
-    a = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=is_causal)
+    a = attention(q, k, v, mask=mask, is_causal=is_causal)
     a = a.reshape(batch, length, width)
     return _dense(width, self.dtype, self.param_dtype, "out", zero=self.zero_init)(a)
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.layers import KERNEL_INIT
+from jaxdiff.models.layers import attention
 from jaxdiff.models.layers import conv
 from jaxdiff.models.layers import group_norm
 from jaxdiff.models.layers import kernel_init
@@ -97,7 +98,7 @@ class SelfAttention(nn.Module):
     q, k, v = (einops.rearrange(dense(name)(h), "b l (heads d) -> b l heads d", heads=heads)
                for name in ("query", "key", "value"))
     # Logits and softmax run in float32 even for bfloat16 inputs (jax.nn's XLA path).
-    a = einops.rearrange(jax.nn.dot_product_attention(q, k, v), "b l heads d -> b l (heads d)")
+    a = einops.rearrange(attention(q, k, v), "b l heads d -> b l (heads d)")
     out = dense("out", zero=self.zero_init)(a)
     return x + einops.rearrange(out, "b (h w) c -> b h w c", h=height)
 

@@ -3,6 +3,9 @@
 `build_run(config_dict)` validates the config against the data and the devices and returns a
 `Run`: the model, the noise schedule, the optimizer, the mesh, the abstract train state with its
 shardings, and the functions that make the state, the jitted train step and the EMA sampler.
+`config.task` picks what is trained: a denoiser, or (task=autoencoder) a KL autoencoder by the
+same step, state, sharding and checkpoints. A latent run (data.source=latents) also loads the
+autoencoder of `config.autoencoder.path`, to decode its previews; the step never runs it.
 `python -m jaxdiff.train`, the benchmarks in experiments/ and the tests all start here, so they
 run the same step.
 
@@ -22,8 +25,9 @@ from jax.sharding import Mesh
 from jaxdiff import sampling
 from jaxdiff.config import Config, check_run, parse_config
 from jaxdiff.data import DatasetInfo, dataset_info
-from jaxdiff.data import latents
+from jaxdiff.data import latents as latents_lib
 from jaxdiff.diffusion import Schedule, make_schedule
+from jaxdiff.train import checkpoint as checkpoint_lib
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import step as step_lib
@@ -41,12 +45,13 @@ class Run:
     config: its parsed, validated form.
     info: the dataset's description (image size, channels, classes).
     mesh: the ("data", "fsdp") device mesh.
-    model: the Flax backbone.
+    model: the Flax backbone (task=autoencoder: the AutoencoderKL being trained).
     schedule: the noise schedule of `config.diffusion`.
     tx: the optimizer.
     lr_schedule: learning rate per step (logged).
     abstract_state: TrainState of ShapeDtypeStructs carrying their shardings.
     shardings: TrainState of NamedShardings.
+    decoder: a latent run's autoencoder, at the scale of its cached latents; else None.
     null_context: a text-to-image run's empty-prompt embedding float32 [L, D] (what caption
       dropout substitutes, read from the latents cache), else None.
   """
@@ -60,6 +65,7 @@ class Run:
   lr_schedule: optax.Schedule
   abstract_state: state_lib.TrainState
   shardings: state_lib.TrainState
+  decoder: sampling.LatentDecoder | None = None
   null_context: np.ndarray | None = None
 
 
@@ -74,12 +80,18 @@ def build_run(config_dict: ml_collections.ConfigDict, *, info: DatasetInfo | Non
     devices: devices of the mesh (default: all).
 
   Raises:
-    ConfigError, DatasetNotFoundError: with a one-line message, before any file is written.
+    ConfigError, DatasetNotFoundError, CheckpointError (an unusable autoencoder): with a
+      one-line message, before any file is written.
   """
   config = parse_config(config_dict)
   info = dataset_info(config.data) if info is None else info
   devices = list(jax.devices() if devices is None else devices)
   check_run(config, info, len(devices), jax.process_count())
+  decoder = None
+  if config.data.source == "latents" and config.task == "diffusion" and not config.text.enabled:
+    # (a text-to-image run decodes with its pipeline's VAE, at sampling time)
+    decoder = sampling.LatentDecoder(*checkpoint_lib.load_latent_autoencoder(
+        config.autoencoder.path, latents_lib.read_latents_info(config.data.latents_dir)))
   mesh = sharding_lib.make_mesh(config.mesh.fsdp, devices)
   model = state_lib.make_model(config, info)
   tx, lr_schedule = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
@@ -89,7 +101,7 @@ def build_run(config_dict: ml_collections.ConfigDict, *, info: DatasetInfo | Non
              schedule=make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
              tx=tx, lr_schedule=lr_schedule,
              abstract_state=sharding_lib.with_shardings(shapes, shardings), shardings=shardings,
-             null_context=_null_context(config))
+             decoder=decoder, null_context=_null_context(config))
 
 
 def _null_context(config: Config) -> np.ndarray | None:
@@ -97,7 +109,8 @@ def _null_context(config: Config) -> np.ndarray | None:
   if not config.text.enabled:
     return None
   directory = config.data.latents_dir
-  return np.array(latents.read_contexts(directory, latents.read_latents_info(directory))[-1])
+  info = latents_lib.read_latents_info(directory)
+  return np.array(latents_lib.read_contexts(directory, info)[-1])
 
 
 def root_key(seed: int, stream: int, mesh: Mesh) -> jax.Array:
@@ -130,6 +143,7 @@ def make_step_fn(run: Run) -> Callable[..., tuple[state_lib.TrainState, dict]]:
       lr_schedule=run.lr_schedule, schedule=run.schedule, diffusion=config.diffusion,
       conditional=config.model.class_conditional, learn_sigma=config.model.learn_sigma,
       ema_decays=config.train.ema_decays, skip_nonfinite=config.train.skip_nonfinite_updates,
+      autoencoder=config.autoencoder if config.task == "autoencoder" else None,
       caption_dropout_prob=config.text.caption_dropout_prob, null_context=run.null_context)
 
 
@@ -138,7 +152,8 @@ def make_ema_sampler(run: Run, stream: int, batch_size: int) -> Callable[..., np
 
   The sampler is `jaxdiff.sampling.make_sampler`, the one `python -m jaxdiff.sample` uses, over
   the run's mesh with the params in their training shardings. Image i (a global index) has its
-  own noise from fold_in(fold_in(key(seed), stream), i) and its label `i % num_classes`.
+  own noise from fold_in(fold_in(key(seed), stream), i) and its label `i % num_classes`. A
+  latent run's samples are decoded by `run.decoder` (replicated on the mesh).
 
   Returns:
     fn(state, num_images, first_index=0) -> uint8 [num_images, H, W, C].
@@ -146,17 +161,26 @@ def make_ema_sampler(run: Run, stream: int, batch_size: int) -> Callable[..., np
   config = run.config
   ema = state_lib.ema_key(config.sample.ema_decay)
   model = sampling.DiffusionModel.from_config(
-      run.model, None, config.diffusion,
+      run.model, run.shardings.ema_params[ema], config.diffusion,
       (run.info.image_size, run.info.image_size, run.info.channels))
+  if run.decoder is not None:
+    replicated = sharding_lib.replicated(run.mesh)
+    model = dataclasses.replace(model, decoder=sampling.LatentDecoder(
+        run.decoder.module, jax.tree.map(lambda _: replicated, run.decoder.params)))
+  # `sampling_params` of the model holding shardings is the shardings of the sampler's params.
   sample_fn = sampling.make_sampler(
       sampling.make_batch_fn(model, config.sample.sampler), run.mesh, batch_size=batch_size,
-      params_shardings=run.shardings.ema_params[ema], require_finite=False)
+      params_shardings=model.sampling_params, require_finite=False)
+  if run.decoder is not None:
+    model = dataclasses.replace(model, decoder=sampling.LatentDecoder(
+        run.decoder.module, sampling.replicate(run.decoder.params, run.mesh)))
   key_data = np.asarray(jax.random.key_data(
       jax.random.fold_in(jax.random.key(config.seed), stream)))
 
   def generate(state: state_lib.TrainState, num_images: int, first_index: int = 0) -> np.ndarray:
     labels = sampling.example_labels(first_index + num_images, (), model.num_classes)
-    return sample_fn(state.ema_params[ema], labels[first_index:], key_data, first_index)
+    params = dataclasses.replace(model, params=state.ema_params[ema]).sampling_params
+    return sample_fn(params, labels[first_index:], key_data, first_index)
   return generate
 
 

@@ -3,8 +3,9 @@
 A checkpoint step under `WORKDIR/checkpoints/<step>` holds three items:
   "state"  the TrainState pytree (params, EMA params, optimizer state, step),
   "data"   the data iterator position (JSON),
-  "config" the resolved config (JSON): the full ConfigDict, the dataset description and the
-           model signature used to refuse a checkpoint written for another model.
+  "config" the resolved config (JSON): the full ConfigDict, the dataset description, the model
+           signature used to refuse a checkpoint written for another model and, for a latent
+           run, the scale of its cached latents ("latents", which decoding must undo).
 Orbax writes each step into a temporary directory (`<step>.orbax-checkpoint-tmp*`) and renames
 it when complete, so a crash mid-save leaves the previous checkpoints intact; temporaries are
 never listed as steps, and a writable manager deletes the ones a killed run left behind. A save
@@ -17,7 +18,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -25,6 +26,8 @@ import orbax.checkpoint as ocp
 
 from jaxdiff.config import Config, CheckpointConfig, ConfigError, parse_config, to_dict
 from jaxdiff.data import DatasetInfo
+from jaxdiff.data import latents as latents_lib
+from jaxdiff.models import AutoencoderKL
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train import state as state_lib
 
@@ -94,8 +97,15 @@ def _quiet_abandoned_writes() -> None:
 def resolved_config(config_dict: ml_collections.ConfigDict, config: Config,
                     info: DatasetInfo) -> dict[str, Any]:
   """The JSON stored with each checkpoint."""
-  return {"config": to_dict(config_dict), "dataset": dataclasses.asdict(info),
-          "signature": model_signature(config, info)}
+  resolved = {"config": to_dict(config_dict), "dataset": dataclasses.asdict(info),
+              "signature": model_signature(config, info)}
+  if config.data.source == "latents" and config.task == "diffusion":
+    stored = latents_lib.read_latents_info(config.data.latents_dir)
+    resolved["latents"] = {key: stored[key] for key in LATENT_SCALE_KEYS}
+  return resolved
+
+
+LATENT_SCALE_KEYS = ("latent_shape", "scaling_factor", "shift_factor")
 
 
 def model_signature(config: Config, info: DatasetInfo) -> dict[str, Any]:
@@ -259,8 +269,8 @@ def restore_for_inference(workdir: str, step: int | None = None):
 
   Returns:
     (config, model, params, ema_params): the parsed `Config` (with `data.channels` resolved to
-    the dataset's for an image source), the Flax module, the raw params and {decay (float): EMA
-    params}. The shape the model was trained on is `saved_dataset_info(workdir, step)`'s.
+    the dataset's; a latent run's latent shape is the checkpoint config's "latents" entry), the
+    Flax module, the raw params and {decay (float): EMA params}.
 
   Raises:
     CheckpointError: no checkpoint, or unreadable.
@@ -277,7 +287,7 @@ def restore_for_inference(workdir: str, step: int | None = None):
     except ConfigError as error:
       raise CheckpointError(f"checkpoint step {step} has an invalid config: {error}") from None
     info = DatasetInfo(**saved["dataset"])
-    if config.data.source != "latents":  # a latents run's data section describes the images
+    if config.data.source != "latents":  # a latent run's data section describes its images
       config = dataclasses.replace(config, data=dataclasses.replace(config.data,
                                                                     channels=info.channels))
     replicated = sharding_lib.replicated(sharding_lib.make_mesh(1))
@@ -290,3 +300,65 @@ def restore_for_inference(workdir: str, step: int | None = None):
     manager.close()
   ema = {decay: state.ema_params[state_lib.ema_key(decay)] for decay in config.train.ema_decays}
   return config, model, state.params, ema
+
+
+def load_autoencoder(path: str, field: str = "config.autoencoder.path") -> tuple[AutoencoderKL, Any]:
+  """(module, params) of an autoencoder: a jaxdiff autoencoder run (task=autoencoder; the EMA
+  params of its config.sample.ema_decay at its latest checkpoint) or a diffusers AutoencoderKL
+  folder (config.json + safetensors).
+
+  Args:
+    path: the run's workdir or the diffusers folder.
+    field: what `path` was given as, named in errors (a config field or a flag).
+
+  Raises:
+    CheckpointError: one line naming `field`: no such folder, neither kind, or unreadable.
+  """
+  if os.path.isdir(checkpoint_dir(path)):
+    config, module, _, ema_params = restore_for_inference(path)
+    if config.task != "autoencoder":
+      raise CheckpointError(f"{field}={path!r} is a {config.task} run, not an autoencoder run "
+                            "(task='autoencoder')")
+    return module, ema_params[config.sample.ema_decay]
+  if os.path.isfile(os.path.join(path, "config.json")):
+    from jaxdiff.convert import load_diffusers  # pylint: disable=g-import-not-at-top
+    try:
+      module, params = load_diffusers(path)
+    except (ValueError, KeyError, OSError) as error:
+      raise CheckpointError(f"{field}={path!r} cannot be loaded: {error}") from None
+    if not isinstance(module, AutoencoderKL):
+      raise CheckpointError(f"{field}={path!r} holds a {type(module).__name__}, not an "
+                            "AutoencoderKL")
+    return module, params
+  problem = "does not exist" if not os.path.isdir(path) else (
+      "is neither a jaxdiff autoencoder run (no checkpoints/) nor a diffusers AutoencoderKL "
+      "folder (no config.json)")
+  raise CheckpointError(f"{field}={path!r} {problem}; train one (configs/mnist_autoencoder.py) "
+                        "or give a diffusers AutoencoderKL folder")
+
+
+def load_latent_autoencoder(path: str, latents: Mapping[str, Any],
+                            field: str = "config.autoencoder.path") -> tuple[AutoencoderKL, Any]:
+  """The autoencoder of a latent run, at the scale of its cached latents.
+
+  Its `scaling_factor` and `shift_factor` become those the latents were stored with, so that
+  decoding undoes exactly the scale the diffusion model was trained on.
+
+  Args:
+    path: see `load_autoencoder`.
+    latents: the latents' `latent_shape`, `scaling_factor` and `shift_factor` (a latents.json,
+      or the copy in a latent run's checkpoint).
+    field: what `path` was given as, named in errors.
+
+  Raises:
+    CheckpointError: the autoencoder cannot be loaded, or its latents are not those cached.
+  """
+  module, params = load_autoencoder(path, field)
+  channels = latents["latent_shape"][-1]
+  if channels != module.latent_channels:
+    raise CheckpointError(
+        f"the cached latents have {channels} channels but {field}={path!r} makes "
+        f"{module.latent_channels}: name the autoencoder that encoded them, or encode the data "
+        f"with this one (python -m jaxdiff.data.encode --autoencoder={path})")
+  return module.clone(scaling_factor=float(latents["scaling_factor"]),
+                      shift_factor=float(latents["shift_factor"])), params

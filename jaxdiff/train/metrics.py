@@ -75,6 +75,8 @@ class History:
       if not name.endswith(("_sum", "_count")) and values.size:
         out[name] = float(np.mean(values))
     for q in range(NUM_TIME_BINS):
+      if f"train/loss_q{q}_count" not in stacked:  # an autoencoder run has no timesteps
+        continue
       count = float(np.sum(stacked[f"train/loss_q{q}_count"]))
       if count > 0:
         out[f"train/loss_q{q}"] = float(np.sum(stacked[f"train/loss_q{q}_sum"])) / count

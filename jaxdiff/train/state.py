@@ -17,7 +17,7 @@ import optax
 from jaxdiff.config import (Config, ConfigError, OptimizerConfig, model_fields,
                             pipeline_unet_config)
 from jaxdiff.data import DatasetInfo
-from jaxdiff.models import UNetCond, build_model
+from jaxdiff.models import AutoencoderKL, UNetCond, build_autoencoder, build_model
 
 
 @flax.struct.dataclass
@@ -112,10 +112,12 @@ def update_ema(ema_params: dict[str, Any], params: Any, ema_decays: Sequence[flo
 def init_params_fn(model, image_size: int, channels: int, conditional: bool,
                    context_dim: int = 0) -> Callable[[jax.Array], Any]:
   """key -> freshly initialised params of `model` for [image_size, image_size, channels] images
-  (conditioned on labels, on a text context [B, S, context_dim] when context_dim > 0, or on
-  nothing)."""
+  (a denoiser, called with x, t, y: labels, a text context [B, S, context_dim] when
+  context_dim > 0, or nothing; or an `AutoencoderKL`, called with x)."""
   def init(key):
     x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+    if isinstance(model, AutoencoderKL):
+      return model.init(key, x)["params"]
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if conditional else None
     if context_dim:
@@ -125,10 +127,18 @@ def init_params_fn(model, image_size: int, channels: int, conditional: bool,
 
 
 def make_model(config: Config, info: DatasetInfo) -> nn.Module:
-  """The Flax module of `config` for the dataset `info` (a text-to-image run: the U-Net of
-  `config.text.pipeline`, its layout read from unet/config.json)."""
-  if not config.text.enabled:
-    return build_model(config.model.name, **model_fields(config.model, info))
+  """The Flax module of `config` for the dataset `info` (task=autoencoder: an AutoencoderKL; a
+  text-to-image run: the U-Net of `config.text.pipeline`, its layout from unet/config.json)."""
+  if config.text.enabled:
+    return _pipeline_unet(config)
+  fields = model_fields(config.model, info, config.task)
+  if config.task == "autoencoder":
+    return build_autoencoder(config.model.name, **fields)
+  return build_model(config.model.name, **fields)
+
+
+def _pipeline_unet(config: Config) -> UNetCond:
+  """The UNetCond of the pipeline's unet/config.json (ConfigError if jaxdiff cannot express it)."""
   from jaxdiff.convert.unet_cond import unet_cond_fields  # pylint: disable=g-import-not-at-top
   try:
     fields = unet_cond_fields(pipeline_unet_config(config.text.pipeline))

@@ -12,7 +12,9 @@ dropout replaces example i's by the empty prompt's embedding when a Bernoulli dr
 
 `objective_loss` dispatches on `config.diffusion.objective`: ddpm (`diffusion_loss` at integer t),
 flow (`flow.flow_matching_loss`, the model fed t · T) or edm (`edm.edm_loss` of the preconditioned
-network, which receives c_noise = ¼ ln σ as its timestep).
+network, which receives c_noise = ¼ ln σ as its timestep). An autoencoder run (config.task =
+"autoencoder", `autoencoder` given) takes the same step with LDM's reconstruction + KL loss
+(`models.autoencoder.autoencoder_loss`), example i's posterior draw from its key as above.
 """
 
 import functools
@@ -23,9 +25,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxdiff.config import DiffusionConfig
+from jaxdiff.config import AutoencoderConfig, DiffusionConfig
 from jaxdiff.diffusion import (Schedule, diffusion_loss, edm, flow, per_example_keys,
                                training_inputs)
+from jaxdiff.models.autoencoder import autoencoder_loss
 from jaxdiff.train import sharding as sharding_lib
 from jaxdiff.train.state import TrainState, update_ema
 
@@ -41,8 +44,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
                apply_fn: Callable[..., jax.Array], tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule, schedule: Schedule, diffusion: DiffusionConfig,
                conditional: bool, learn_sigma: bool, ema_decays: tuple[float, ...],
-               skip_nonfinite: bool = False, caption_dropout_prob: float = 0.0,
-               null_context: Any = None) -> tuple[TrainState, dict]:
+               skip_nonfinite: bool = False, autoencoder: AutoencoderConfig | None = None,
+               caption_dropout_prob: float = 0.0, null_context: Any = None
+               ) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch.
 
   Args:
@@ -61,14 +65,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     ema_decays: EMA rates, matching `state.ema_params`.
     skip_nonfinite: when the loss or gradient norm is NaN/Inf, keep params, EMA and optimizer
       state unchanged (the step counter still advances, so the data position does too).
+    autoencoder: train an `AutoencoderKL` with this reconstruction + KL loss instead (schedule,
+      diffusion, conditional and learn_sigma are then unused).
     caption_dropout_prob: probability of replacing an example's context by `null_context`.
     null_context: float32 [L, D], the empty prompt's embedding (with caption dropout).
 
   Returns:
     (new state, metrics): scalars "train/loss", "train/grad_norm" (before clipping),
     "train/param_norm", "train/learning_rate", and per timestep quartile q the sum and count of
-    per-example losses ("train/loss_q{q}_sum", "train/loss_q{q}_count"); with `skip_nonfinite`,
-    also "train/skipped_update" (1.0 when this step's update was dropped).
+    per-example losses ("train/loss_q{q}_sum", "train/loss_q{q}_count"), or for an autoencoder
+    the batch means "train/reconstruction" and "train/kl"; with `skip_nonfinite`, also
+    "train/skipped_update" (1.0 when this step's update was dropped).
   """
   step_key = jax.random.fold_in(key, state.step)
   x0 = batch["image"]
@@ -81,14 +88,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
       labels, _ = caption_dropout(labels, null_context, example_keys, caption_dropout_prob)
 
   def loss_fn(params):
+    if autoencoder is not None:
+      per_example, parts = autoencoder_loss(apply_fn, params, x0, example_keys,
+                                            loss_type=autoencoder.loss_type,
+                                            kl_weight=autoencoder.kl_weight)
+      return jnp.mean(per_example), {f"train/{k}": jnp.mean(v) for k, v in parts.items()}
+
     def model_fn(x_t, timesteps):
       return apply_fn({"params": params}, x_t, timesteps, labels, train=True,
                       rngs={"dropout": dropout_key})
     per_example, time = objective_loss(model_fn, x0, example_keys, schedule=schedule,
                                        diffusion=diffusion, learn_sigma=learn_sigma)
-    return jnp.mean(per_example), (per_example, time)
+    return jnp.mean(per_example), _loss_by_time_bin(per_example, time)
 
-  (loss, (per_example, time)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(step=state.step + 1, params=params,
@@ -97,7 +110,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
              "train/param_norm": optax.global_norm(params),
              "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32)}
-  metrics.update(_loss_by_time_bin(per_example, time))
+  metrics.update(loss_metrics)
   if skip_nonfinite:
     new_state, metrics["train/skipped_update"] = _keep_if_nonfinite(state, new_state, metrics)
   return new_state, metrics
