@@ -29,6 +29,10 @@ def _run(module: str, *args: str, timeout: int = 400) -> tuple[int, str]:
   return process.returncode, process.stderr
 
 
+# The whole offline chain through the real CLIs takes over a minute on 2 cores: a slow check.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
   """The four commands of configs/mnist_latent_dit.py's docstring, tiny."""

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from jaxdiff import images
@@ -34,6 +35,7 @@ def test_save_grid_writes_the_grid_png(tmp_path):
     np.testing.assert_array_equal(np.asarray(png), grid[..., 0])
 
 
+@pytest.mark.slow  # trains an autoencoder run (about 25 s on 2 cores)
 def test_autoencoder_preview_shows_the_first_images_beside_their_reconstructions():
   from configs import mnist_autoencoder  # pylint: disable=g-import-not-at-top
   from jaxdiff import data  # pylint: disable=g-import-not-at-top

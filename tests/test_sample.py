@@ -321,6 +321,7 @@ def test_cli_bad_labels_and_unknown_flags_are_one_line(tmp_path):
     assert lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
+@pytest.mark.slow  # trains a latent run and decodes through torch (about 30 s on 2 cores)
 def test_latent_run_samples_are_decoded_like_diffusers_decodes_them(tmp_path):
   """A DiT trained on the latents of a diffusers AutoencoderKL folder: the sample CLI's images
   equal its latents (sampled here without a decoder, same keys and labels), unscaled by the

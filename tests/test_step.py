@@ -249,6 +249,7 @@ def _autoencoder_step(devices, fsdp):
   return run, before, jax.device_get(metrics), x[0]
 
 
+@pytest.mark.slow  # compiles the autoencoder's step twice (about 45 s on 2 cores)
 def test_autoencoder_step_draws_each_posterior_from_its_example_key():
   """task=autoencoder through build_run's step: the loss is `autoencoder_loss` with z_i drawn
   from fold_in(fold_in(train key, step), i)."""

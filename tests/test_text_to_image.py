@@ -55,6 +55,7 @@ def run(tiny_sd, tmp_path_factory):
   return full, resumed
 
 
+@pytest.mark.slow  # trains through two CLI processes (about 2.5 min on 2 cores)
 def test_fine_tuning_resumes_bit_identically_and_moves_the_weights(run, tiny_sd):
   full, resumed = run
   config, _, params, ema = checkpoint.restore_for_inference(full, 4)
@@ -89,6 +90,7 @@ def _samples(**fields) -> np.ndarray:
   return np.load(paths["npz"])["arr_0"]
 
 
+@pytest.mark.slow  # trains through two CLI processes (about 2.5 min on 2 cores)
 def test_the_run_samples_as_its_pipeline_with_the_fine_tuned_unet(run, tiny_sd, tmp_path):
   full, _ = run
   at_step_1 = _samples(workdir=full, step=1, use_ema=False, out=str(tmp_path / "run"))
@@ -97,6 +99,7 @@ def test_the_run_samples_as_its_pipeline_with_the_fine_tuned_unet(run, tiny_sd, 
   np.testing.assert_array_equal(at_step_1, pipeline)
 
 
+@pytest.mark.slow  # trains through two CLI processes (about 2.5 min on 2 cores)
 def test_sample_cli_on_the_run_writes_prompted_images(run, tmp_path):
   full, _ = run
   prompts = tmp_path / "prompts.txt"
