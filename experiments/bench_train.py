@@ -13,6 +13,7 @@ Defaults suit a small CPU (batch 8, 3 timed steps); on a GPU/TPU pass e.g. --bat
 --iters=50.
 """
 
+import dataclasses
 import os
 import sys
 from typing import Callable
@@ -35,6 +36,10 @@ flags.DEFINE_list("variants", ["cli"],
                   "cli: the CLI's jitted step (multi_step, a length-1 lax.scan); single: the same "
                   "train_step jitted without the scan (an experiment, see train_setup).")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch/diffusers reference step.")
+flags.DEFINE_integer("channels", 3, "Input channels: 3 for 32x32 RGB images, 4 for the 32x32x4 "
+                     "latents of a 256x256 image (the DiT paper's ImageNet setting; a latent run "
+                     "trains on cached latents, so its step is this one). The PyTorch reference "
+                     "exists for 3 channels only.")
 flags.DEFINE_bool("scan_compile", True,
                   "For DiTs, also compile (not run) the step with scan_blocks=True.")
 flags.DEFINE_string("out", "experiments/results/bench_train.json", "JSON output path.")
@@ -62,7 +67,8 @@ def bench_jax(model_name: str, dtype: str, variant: str, batch: int, iters: int,
   With `torch_step` (a `common.torch_call`), the reference step is timed side by side with
   jaxdiff's, in alternating rounds, and its timing is added as "torch_timing".
   """
-  bench = train_setup.make_train_bench(model_name, dtype, batch)
+  info = dataclasses.replace(train_setup.CIFAR10_INFO, channels=FLAGS.channels)
+  bench = train_setup.make_train_bench(model_name, dtype, batch, info=info)
   if variant == "single":
     bench = train_setup.single_step_variant(bench)
   args = (bench.state, bench.batches, bench.key)
@@ -81,6 +87,7 @@ def bench_jax(model_name: str, dtype: str, variant: str, batch: int, iters: int,
   step_s = timing["median_s"]
   return {
       "model": model_name, "dtype": dtype, "variant": variant, "batch": batch,
+      "channels": FLAGS.channels,
       "params_m": common.param_count(bench.state.params) / 1e6,
       "compile_s": compile_times["lower_and_compile_s"], **compile_times,
       "step_s": step_s, "images_per_s": batch / step_s, "timing": timing,
@@ -120,19 +127,21 @@ def main(argv):
   records, scan_records = [], []
   save = lambda: common.write_json(FLAGS.out, {
       "benchmark": "train_step", "machine": info, "peak_matmul": peak,
-      "settings": {"batch_size": batch, "iters": iters, "warmup": FLAGS.warmup},
+      "settings": {"batch_size": batch, "iters": iters, "warmup": FLAGS.warmup,
+                   "channels": FLAGS.channels},
       "records": records, "scan_compile": scan_records})
   for model_name in FLAGS.models:
     for dtype in FLAGS.dtypes:
       for variant in FLAGS.variants:
         reference, torch_params_m = (torch_step(model_name, dtype, batch)
-                                     if FLAGS.torch and variant == FLAGS.variants[0]
+                                     if FLAGS.torch and FLAGS.channels == 3
+                                     and variant == FLAGS.variants[0]
                                      else (None, None))
         record = bench_jax(model_name, dtype, variant, batch, iters, peak, reference)
         if reference is not None:
           record["torch_params_m"] = torch_params_m
           torch_rate = record["torch_images_per_s"]
-        if FLAGS.torch:
+        if FLAGS.torch and FLAGS.channels == 3:
           record["speedup"] = record["images_per_s"] / torch_rate
         record["loadavg"] = os.getloadavg()
         records.append(record)
