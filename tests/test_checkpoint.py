@@ -241,3 +241,21 @@ def test_only_closed_loop_reports_of_abandoned_writes_are_dropped(monkeypatch):
   report(lambda: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))  # not asyncio's
   report(lambda: 1 / 0)
   assert [type(u.exc_value) for u in seen] == [RuntimeError, ZeroDivisionError]
+
+
+def test_a_save_broken_by_a_dead_peer_says_so_and_names_the_intact_step(tmp_path, monkeypatch):
+  import types  # pylint: disable=import-outside-toplevel
+  (tmp_path / "2").mkdir()
+  manager = types.SimpleNamespace(directory=str(tmp_path))
+  gloo = ValueError("UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error "
+                    "[127.0.0.1]:42896: Connection reset by peer")
+  monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 2)
+  message = str(checkpoint._save_failed(manager, 4, gloo))  # pylint: disable=protected-access
+  assert "step 4" in message and "checkpoint step 2 is intact" in message
+  assert "another task died" in message and "restart every process" in message
+  full = OSError(28, "No space left on device")
+  message = str(checkpoint._save_failed(manager, 4, full))  # pylint: disable=protected-access
+  assert "free space" in message and "another task died" not in message
+  monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 1)
+  message = str(checkpoint._save_failed(manager, 4, gloo))  # pylint: disable=protected-access
+  assert "free space" in message  # one process has no peer to lose

@@ -187,10 +187,22 @@ def _save_failed(manager: ocp.CheckpointManager, step: int | None,
   intact = [s for s in finished_steps(str(manager.directory)) if s != step]
   kept = (f"checkpoint step {max(intact)} is intact" if intact else "no earlier checkpoint exists")
   reason = " ".join((str(error).strip().splitlines() or [""])[0].split())[:200]
+  fix = ("another task died: a peer process stopped while the hosts were saving together; "
+         "restart every process with the same command to resume" if _peer_died(error)
+         else "free space (or fix the cause) and run the same command again to resume")
   return SaveError(
       f"saving checkpoint {'' if step is None else f'step {step} '}in {manager.directory} failed "
-      f"({type(error).__name__}: {reason}); {kept}: free space (or fix the cause) and run the "
-      "same command again to resume")
+      f"({type(error).__name__}: {reason}); {kept}: {fix}")
+
+
+# How a multi-host save reports a dead peer: JAX's coordination service, or the collective
+# (gloo on CPU) that Orbax runs across hosts when the peer's socket closes.
+_PEER_DIED = ("another task died", "connection reset by peer", "connection closed by peer",
+              "gloo allgather failed", "gloo allreduce failed", "gloo broadcast failed")
+
+
+def _peer_died(error: Exception) -> bool:
+  return jax.process_count() > 1 and any(m in str(error).lower() for m in _PEER_DIED)
 
 
 def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
