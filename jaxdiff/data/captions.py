@@ -20,7 +20,7 @@ from PIL import Image
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.config import DatasetNotFoundError
 from jaxdiff.data.sources import IMAGE_EXTENSIONS
-from jaxdiff.data.sources import ImageSource
+from jaxdiff.data.sources import FolderSource
 from jaxdiff.data.sources import load_mnist_offline
 from jaxdiff.data.sources import mnist_offline_path
 
@@ -63,10 +63,11 @@ def scan_caption_folder(folder: str) -> tuple[list[str], list[str]]:
   return paths, captions
 
 
-class CaptionFolderSource(ImageSource):
+class CaptionFolderSource(FolderSource):
   """Images of an image–caption folder; item i is {"image", "label": caption index}.
 
-  Attributes (besides ImageSource's; num_classes is 0: captions are not classes):
+  Attributes (besides FolderSource's; num_classes is 0: captions are not classes; labels are
+  caption indices):
     paths: the image files, in order.
     captions: the distinct captions, sorted (the caption table).
     caption_of: int32 [N], the caption index of each image.
@@ -77,24 +78,14 @@ class CaptionFolderSource(ImageSource):
     self.captions = tuple(sorted(set(texts)))
     index = {caption: i for i, caption in enumerate(self.captions)}
     self.caption_of = np.asarray([index[t] for t in texts], np.int32)
+    self.labels = self.caption_of  # FolderSource reads (image, label) pairs
     self.num_classes = 0
     self.channels = cfg.channels or 3
     self.image_size, self.fit = cfg.image_size, cfg.fit
 
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def describe(self, index: int) -> str:
-    return f"image file {self.paths[index]}"
-
   def caption(self, index: int) -> str:
     """The caption of example `index`."""
     return self.captions[self.caption_of[index]]
-
-  def _read(self, index):
-    with Image.open(self.paths[index]) as image:
-      image.load()
-      return image, int(self.caption_of[index])
 
 
 def write_caption_folder(folder: str, images: np.ndarray, captions: list[str]) -> list[str]:
