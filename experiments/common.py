@@ -141,15 +141,7 @@ def time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict:
     {"median_s", "min_s", "max_s", "iters", "times_s"} and the `LoadMeter` record of the timed
     calls ("load_start", "load_end", "other_cpu").
   """
-  for _ in range(warmup):
-    sync(call())
-  times = []
-  meter = LoadMeter()
-  for _ in range(iters):
-    start = time.perf_counter()
-    sync(call())
-    times.append(time.perf_counter() - start)
-  return {**_summary(times), **meter.record()}
+  return time_side_by_side({"call": call}, warmup=warmup, iters=iters)["call"]
 
 
 def time_side_by_side(calls: dict[str, Callable[[], Any]], *, warmup: int,
