@@ -130,7 +130,7 @@ def check_options(options: SampleOptions) -> None:
     if value is not None and value not in allowed:
       raise SampleInputError(f"--{name}={value!r} is unknown; choose one of {', '.join(allowed)}")
   positive = [("num_samples", options.num_samples), ("batch_size", options.batch_size),
-              ("num_steps", settings.num_steps), ("animate_frames", options.animate_frames)]
+              ("num_steps", settings.steps), ("animate_frames", options.animate_frames)]
   for name, value in positive:
     if value <= 0:
       raise SampleInputError(f"--{name}={value} must be > 0")
@@ -370,10 +370,11 @@ def load_checkpoint_model(options: SampleOptions
   shape = latent_shape or (config.data.image_size, config.data.image_size, config.data.channels)
   model = sampling.DiffusionModel.from_config(module, params, config.diffusion, shape)
   model = dataclasses.replace(model, decoder=decoder)
-  # Unset --method: ddim for a ddpm run (its samplers are interchangeable), else the run's own.
-  method = "ddim" if model.objective == "ddpm" else config.sample.sampler.method
-  defaults = {"method": method,
-              "clip_denoised": model.objective == "ddpm" and config.sample.sampler.clip_denoised}
+  # Unset sampler settings: the ones the run's config chose for its previews.
+  run_sampler = config.sample.sampler
+  defaults = {"method": run_sampler.method, "num_steps": run_sampler.num_steps,
+              "spacing": run_sampler.spacing,
+              "clip_denoised": model.objective == "ddpm" and run_sampler.clip_denoised}
   if config.text.enabled:
     model, defaults = with_pipeline(model, config.text.pipeline, options, defaults)
   return model, {"checkpoint_step": step, "ema_decay": ema_decay}, defaults
@@ -435,10 +436,10 @@ def check_against_model(options: SampleOptions, model: sampling.DiffusionModel) 
   if options.sampler.method is not None and options.sampler.method not in methods:
     raise SampleInputError(f"--method={options.sampler.method!r} cannot sample this "
                            f"{model.objective} model; choose one of {', '.join(methods)}")
-  if model.objective == "edm" and options.sampler.num_steps < 2:
-    raise SampleInputError(f"--num_steps={options.sampler.num_steps} must be >= 2 for EDM")
-  if model.objective == "ddpm" and options.sampler.num_steps > model.schedule.num_timesteps:
-    raise SampleInputError(f"--num_steps={options.sampler.num_steps} exceeds the model's "
+  if model.objective == "edm" and options.sampler.steps < 2:
+    raise SampleInputError(f"--num_steps={options.sampler.steps} must be >= 2 for EDM")
+  if model.objective == "ddpm" and options.sampler.steps > model.schedule.num_timesteps:
+    raise SampleInputError(f"--num_steps={options.sampler.steps} exceeds the model's "
                            f"{model.schedule.num_timesteps} diffusion timesteps")
   if model.text is None and (options.prompt is not None or options.prompts is not None):
     raise SampleInputError("--prompt/--prompts need a text-to-image pipeline folder "
@@ -473,7 +474,7 @@ def output_tag(options: SampleOptions, provenance: dict[str, Any]) -> str:
   parts = [f"step{step}" if step >= 0 else "diffusers"]
   if options.workdir is not None:
     parts.append(f"ema{provenance['ema_decay']:g}" if provenance["ema_decay"] else "raw")
-  parts.append(f"{settings.method}{settings.num_steps}")
+  parts.append(f"{settings.method}{settings.steps}")
   if settings.eta:
     parts.append(f"eta{settings.eta:g}")
   if settings.guided:
@@ -547,7 +548,7 @@ def _metadata(options: SampleOptions, provenance: dict[str, Any],
             "prompt_source": read_prompts(options)[1],
             "negative_prompt": options.negative_prompt or ""}
   return {**text,
-      "method": settings.method, "num_steps": settings.num_steps, "eta": settings.eta,
+      "method": settings.method, "num_steps": settings.steps, "eta": settings.eta,
       "spacing": settings.spacing or diffusion.DEFAULT_SPACINGS.get(settings.method, ""),
       "guidance_scale": settings.guidance_scale if settings.guided else 1.0,
       "clip_denoised": settings.clip_denoised, "seed": options.seed,

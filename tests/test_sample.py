@@ -18,6 +18,7 @@ from PIL import Image
 
 import tiny_pipelines
 from jaxdiff import diffusion, sample, sampling
+from jaxdiff.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (4, 4, 2)
@@ -260,6 +261,7 @@ def trained_workdir(tmp_path_factory):
   config.model.class_conditional = True
   config.model.class_dropout_prob = 0.1
   config.checkpoint.async_save = False
+  config.sample.method, config.sample.num_steps = "dpmpp_2m", 20  # not the CLI's fallback
   config.lock()
   workdir = str(tmp_path_factory.mktemp("run"))
   loop.train(config, workdir, devices=jax.devices()[:1])
@@ -293,6 +295,20 @@ def test_cli_on_a_training_checkpoint_writes_png_gif_npz(trained_workdir, tmp_pa
     last = np.asarray(gif.convert("L"))
   # The animation is a separate sampler run; its last state must be the same samples.
   np.testing.assert_array_equal(last, sampling.images.make_grid(samples)[..., 0])
+
+
+def test_unset_sampler_settings_come_from_the_runs_config(trained_workdir):
+  """The run was configured with dpmpp_2m at 20 steps; leaving --method and
+  --num_steps unset must sample with those, not with the CLI's own fallback (ddim, 50)."""
+  options = sample.SampleOptions(workdir=trained_workdir, num_samples=2, batch_size=2)
+  _, _, resolved = sample.load_model(options)
+  config = checkpoint.restore_for_inference(trained_workdir, 1)[0]
+  assert (config.sample.sampler.method, config.sample.sampler.num_steps) == ("dpmpp_2m", 20)
+  assert (resolved.sampler.method, resolved.sampler.num_steps) == ("dpmpp_2m", 20)
+  given = sample.SampleOptions(workdir=trained_workdir, sampler=sampling.SamplerSettings(
+      method="ddim", num_steps=7))
+  _, _, resolved = sample.load_model(given)
+  assert (resolved.sampler.method, resolved.sampler.num_steps) == ("ddim", 7)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -13,6 +13,7 @@ from jaxdiff.diffusion.samplers import METHODS
 OBJECTIVES = ("ddpm", "flow", "edm")
 EDM_METHODS = ("heun",)
 _METHODS = {"ddpm": METHODS, "flow": FLOW_METHODS, "edm": EDM_METHODS}
+DEFAULT_NUM_STEPS = 50  # when neither the user nor the model's source sets num_steps
 
 
 def methods_for(objective: str) -> tuple[str, ...]:
@@ -37,7 +38,8 @@ class SamplerSettings:
   Attributes:
     method: sampler name, one of `methods_for(model objective)`; None: the model's own scheduler
       (a diffusers folder's scheduler config; a flow or EDM run's config), else ddim.
-    num_steps: number of sampler steps.
+    num_steps: number of sampler steps; None: the model's source (a training run's
+      config.sample.num_steps), else `DEFAULT_NUM_STEPS`.
     eta: DDIM stochasticity; 0 is deterministic.
     spacing: timestep grid, leading | linspace | trailing, in the convention of the method's
       diffusers scheduler; None: that scheduler's default (or the model's scheduler config).
@@ -61,7 +63,8 @@ class SamplerSettings:
       None, "Sampler (ddpm models: ddim, ddpm, dpmpp_2m, unipc, euler, euler_ancestral, heun; "
       "flow: euler, heun, euler_maruyama; edm: heun); unset: the model's scheduler config or "
       "a flow/EDM run's config.sample.method, else ddim.")
-  num_steps: int = _setting(50, "Number of sampler steps.")
+  num_steps: int | None = _setting(
+      None, "Number of sampler steps; unset: the run's config.sample.num_steps, else 50.")
   eta: float = _setting(0.0, "DDIM eta (0 = deterministic).")
   spacing: str | None = _setting(
       None, "Timestep grid: leading | linspace | trailing; unset: the method's diffusers default.")
@@ -85,25 +88,30 @@ class SamplerSettings:
   s_noise: float = _setting(1.0, "EDM: churn noise scale S_noise.")
 
   @property
+  def steps(self) -> int:
+    """`num_steps`, or `DEFAULT_NUM_STEPS` when unset."""
+    return DEFAULT_NUM_STEPS if self.num_steps is None else self.num_steps
+
+  @property
   def guided(self) -> bool:
     """Whether classifier-free guidance is on (a scale other than None and 1)."""
     return self.guidance_scale is not None and self.guidance_scale != 1.0
 
   def sample_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of `jaxdiff.diffusion.sample` (method resolved to ddim if unset)."""
-    kwargs = dict(method=self.method or "ddim", num_steps=self.num_steps, eta=self.eta,
+    kwargs = dict(method=self.method or "ddim", num_steps=self.steps, eta=self.eta,
                   spacing=self.spacing, clip_denoised=bool(self.clip_denoised),
                   karras_sigmas=self.karras_sigmas, solver_order=self.solver_order)
     return {**kwargs, **self._guidance_kwargs()}
 
   def flow_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of `jaxdiff.diffusion.flow.sample_flow` (method resolved to euler)."""
-    return dict(method=self.method or "euler", num_steps=self.num_steps,
+    return dict(method=self.method or "euler", num_steps=self.steps,
                 diffusion_scale=self.diffusion_scale, **self._guidance_kwargs())
 
   def edm_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of `jaxdiff.diffusion.edm.sample_edm` (its one method, Heun)."""
-    return dict(num_steps=self.num_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+    return dict(num_steps=self.steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                 rho=self.rho, s_churn=self.s_churn, s_min=self.s_min, s_max=self.s_max,
                 s_noise=self.s_noise, **self._guidance_kwargs())
 
