@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.learn_sigma = False  # Also predict the variance (2C outputs; adds the VLB term).
   config.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
   # Optional size-table overrides; None keeps the table's value. Not every model has every field
-  # (DiT: hidden_size, depth, num_heads, patch_size, remat, scan_blocks; U-Net: channels, dropout);
+  # (DiT: hidden_size, depth, num_heads, patch_size, remat, scan_blocks; U-Net: channels, dropout,
+  # channel_mult, num_res_blocks, attention_levels);
   # setting one the model lacks is an error.
   config.model.overrides = ml_collections.ConfigDict()
   config.model.overrides.hidden_size = ml_collections.FieldReference(None, field_type=int)  # DiT width.
@@ -41,6 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.overrides.scan_blocks = ml_collections.FieldReference(None, field_type=bool)  # DiT: nn.scan over blocks (faster compile).
   config.model.overrides.channels = ml_collections.FieldReference(None, field_type=int)  # U-Net width of level 0.
   config.model.overrides.dropout = ml_collections.FieldReference(None, field_type=float)  # U-Net dropout.
+  config.model.overrides.channel_mult = ml_collections.FieldReference(None, field_type=tuple)  # U-Net width multiplier per level, e.g. (1, 2, 2).
+  config.model.overrides.num_res_blocks = ml_collections.FieldReference(None, field_type=int)  # U-Net ResBlocks per level.
+  config.model.overrides.attention_levels = ml_collections.FieldReference(None, field_type=tuple)  # U-Net levels with self-attention (0 = full size).
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.objective = "ddpm"  # ddpm (noise schedule, fields below to vlb_weight) | flow (rectified flow, flow_*) | edm (Karras et al., edm_*).

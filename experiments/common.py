@@ -108,14 +108,22 @@ def machine_busy_seconds() -> float | None:
   return busy / os.sysconf("SC_CLK_TCK")
 
 
+def own_cpu_seconds() -> float:
+  """CPU seconds used by this process and its finished child processes (the commands a
+  benchmark runs, e.g. experiments/first_run/search.py's train and sample runs)."""
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return time.process_time() + children.ru_utime + children.ru_stime
+
+
 class LoadMeter:
   """The load around one timed section: the 1-minute load average at its start and end, and the
-  cores that other processes kept busy during it (machine busy time minus this process's)."""
+  cores that other processes kept busy during it (machine busy time minus this process's and
+  its finished children's)."""
 
   def __init__(self):
     self.load_start = os.getloadavg()[0]
     self.busy_start = machine_busy_seconds()
-    self.own_start = time.process_time()
+    self.own_start = own_cpu_seconds()
     self.wall_start = time.perf_counter()
 
   def record(self) -> dict:
@@ -124,7 +132,7 @@ class LoadMeter:
     busy = machine_busy_seconds()
     other = None
     if busy is not None and self.busy_start is not None and wall > 0:
-      own = time.process_time() - self.own_start
+      own = own_cpu_seconds() - self.own_start
       other = max(0.0, (busy - self.busy_start - own) / wall)
     return {"load_start": self.load_start, "load_end": os.getloadavg()[0], "other_cpu": other}
 

@@ -136,7 +136,7 @@ def check_options(options: SampleOptions) -> None:
       raise SampleInputError(f"--{name}={value} must be > 0")
   if any(label < 0 for label in options.labels):
     raise SampleInputError(f"--labels={','.join(map(str, options.labels))} must be >= 0")
-  if settings.eta < 0:
+  if settings.eta is not None and settings.eta < 0:
     raise SampleInputError(f"--eta={settings.eta} must be >= 0")
   if settings.guidance_scale is not None and settings.guidance_scale < 0:
     raise SampleInputError(f"--guidance_scale={settings.guidance_scale} must be >= 0")
@@ -373,7 +373,7 @@ def load_checkpoint_model(options: SampleOptions
   # Unset sampler settings: the ones the run's config chose for its previews.
   run_sampler = config.sample.sampler
   defaults = {"method": run_sampler.method, "num_steps": run_sampler.num_steps,
-              "spacing": run_sampler.spacing,
+              "spacing": run_sampler.spacing, "eta": run_sampler.eta,
               "clip_denoised": model.objective == "ddpm" and run_sampler.clip_denoised}
   if config.text.enabled:
     model, defaults = with_pipeline(model, config.text.pipeline, options, defaults)
@@ -548,7 +548,7 @@ def _metadata(options: SampleOptions, provenance: dict[str, Any],
             "prompt_source": read_prompts(options)[1],
             "negative_prompt": options.negative_prompt or ""}
   return {**text,
-      "method": settings.method, "num_steps": settings.steps, "eta": settings.eta,
+      "method": settings.method, "num_steps": settings.steps, "eta": settings.eta or 0.0,
       "spacing": settings.spacing or diffusion.DEFAULT_SPACINGS.get(settings.method, ""),
       "guidance_scale": settings.guidance_scale if settings.guided else 1.0,
       "clip_denoised": settings.clip_denoised, "seed": options.seed,

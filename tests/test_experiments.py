@@ -113,6 +113,14 @@ def test_load_meter_counts_only_other_processes(monkeypatch):
   assert record == {"load_start": 0.7, "load_end": 1.9, "other_cpu": pytest.approx(0.2)}
 
 
+def test_own_cpu_counts_finished_child_processes():
+  """A benchmark that runs commands (first_run/search.py) must not count them as other load."""
+  before = common.own_cpu_seconds()
+  subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                  "while time.process_time() - t < 0.5: pass"], check=True)
+  assert common.own_cpu_seconds() - before >= 0.45
+
+
 def test_machine_busy_seconds_grows_with_our_own_work():
   before, own_before = common.machine_busy_seconds(), common.time.process_time()
   total = 0

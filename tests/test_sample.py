@@ -262,6 +262,7 @@ def trained_workdir(tmp_path_factory):
   config.model.class_dropout_prob = 0.1
   config.checkpoint.async_save = False
   config.sample.method, config.sample.num_steps = "dpmpp_2m", 20  # not the CLI's fallback
+  config.sample.spacing = "trailing"
   config.lock()
   workdir = str(tmp_path_factory.mktemp("run"))
   loop.train(config, workdir, devices=jax.devices()[:1])
@@ -298,13 +299,14 @@ def test_cli_on_a_training_checkpoint_writes_png_gif_npz(trained_workdir, tmp_pa
 
 
 def test_unset_sampler_settings_come_from_the_runs_config(trained_workdir):
-  """The run was configured with dpmpp_2m at 20 steps; leaving --method and
+  """The run was configured with dpmpp_2m at 20 trailing steps; leaving --method and
   --num_steps unset must sample with those, not with the CLI's own fallback (ddim, 50)."""
   options = sample.SampleOptions(workdir=trained_workdir, num_samples=2, batch_size=2)
   _, _, resolved = sample.load_model(options)
   config = checkpoint.restore_for_inference(trained_workdir, 1)[0]
   assert (config.sample.sampler.method, config.sample.sampler.num_steps) == ("dpmpp_2m", 20)
   assert (resolved.sampler.method, resolved.sampler.num_steps) == ("dpmpp_2m", 20)
+  assert resolved.sampler.spacing == "trailing" and resolved.sampler.eta == 0.0
   given = sample.SampleOptions(workdir=trained_workdir, sampler=sampling.SamplerSettings(
       method="ddim", num_steps=7))
   _, _, resolved = sample.load_model(given)

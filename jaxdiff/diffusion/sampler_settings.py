@@ -40,7 +40,8 @@ class SamplerSettings:
       (a diffusers folder's scheduler config; a flow or EDM run's config), else ddim.
     num_steps: number of sampler steps; None: the model's source (a training run's
       config.sample.num_steps), else `DEFAULT_NUM_STEPS`.
-    eta: DDIM stochasticity; 0 is deterministic.
+    eta: DDIM stochasticity; 0 is deterministic, 1 DDPM's ancestral noise; None: the model's
+      source (a training run's config.sample.eta), else 0.
     spacing: timestep grid, leading | linspace | trailing, in the convention of the method's
       diffusers scheduler; None: that scheduler's default (or the model's scheduler config).
     clip_denoised: clip the predicted x_0 to [-1, 1] in every step; None: the default of the
@@ -65,7 +66,9 @@ class SamplerSettings:
       "a flow/EDM run's config.sample.method, else ddim.")
   num_steps: int | None = _setting(
       None, "Number of sampler steps; unset: the run's config.sample.num_steps, else 50.")
-  eta: float = _setting(0.0, "DDIM eta (0 = deterministic).")
+  eta: float | None = _setting(
+      None, "DDIM eta (0 = deterministic, 1 = DDPM's noise); unset: the run's config.sample.eta, "
+      "else 0.")
   spacing: str | None = _setting(
       None, "Timestep grid: leading | linspace | trailing; unset: the method's diffusers default.")
   clip_denoised: bool | None = _setting(
@@ -99,7 +102,7 @@ class SamplerSettings:
 
   def sample_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of `jaxdiff.diffusion.sample` (method resolved to ddim if unset)."""
-    kwargs = dict(method=self.method or "ddim", num_steps=self.steps, eta=self.eta,
+    kwargs = dict(method=self.method or "ddim", num_steps=self.steps, eta=self.eta or 0.0,
                   spacing=self.spacing, clip_denoised=bool(self.clip_denoised),
                   karras_sigmas=self.karras_sigmas, solver_order=self.solver_order)
     return {**kwargs, **self._guidance_kwargs()}
