@@ -16,9 +16,15 @@ by the offline digit scorer. What it chose, against the first round's default:
   per step than two levels with attention at 16x16, and every pixel sees the whole digit;
 - v prediction on the cosine schedule: the largest single gain (speckled and grey backgrounds
   disappear; eps on the linear schedule leaves them after a few hundred steps);
-- 600 steps at batch 32, AdamW 2e-3 with 100 warm-up steps and cosine decay, EMA 0.99 (a short
-  run: the average must follow fast-moving weights);
-- previews and `sample` use DDIM 20, deterministic.
+- 1,400 steps at batch 16 rather than 600 at batch 32 (more updates in the same time), AdamW at
+  4e-3 with 100 warm-up steps and cosine decay to 5%, EMA 0.99 (a short run: the average must
+  follow fast-moving weights);
+- previews and `sample` use DPM-Solver++ 2M with 10 steps: 1,000 samples in under a minute.
+  DDIM 20 scores better (62.1 against 68.9) but takes 78 s.
+
+Measured quietly on this project's 2-core CPU: training 263 s (compilation included); 1,000 samples
+48 s; Fréchet distance 68.9 on the digit scorer (held-out real digits: 1.04), all ten classes.
+The first round's default scored 82.2 after 14 minutes.
 """
 
 from configs import base
@@ -32,18 +38,18 @@ def get_config(arg: str | None = None):
   config.model.overrides.attention_levels = (2,)
   config.diffusion.prediction = "v"
   config.diffusion.schedule = "cosine"
-  config.optimizer.learning_rate = 2e-3
+  config.optimizer.learning_rate = 4e-3
   config.optimizer.warmup_steps = 100
   config.optimizer.decay = "cosine"
   config.optimizer.end_lr_fraction = 0.05
-  config.train.num_steps = 600
-  config.train.batch_size = 32
+  config.train.num_steps = 1400
+  config.train.batch_size = 16
   config.train.ema_decays = (0.99,)
   config.train.log_every = 50
-  config.train.sample_every = 200
-  config.checkpoint.every_steps = 200
-  config.sample.method = "ddim"
-  config.sample.num_steps = 20
+  config.train.sample_every = 350
+  config.checkpoint.every_steps = 350
+  config.sample.method = "dpmpp_2m"
+  config.sample.num_steps = 10
   config.sample.num_images = 36
   base.apply_variants(config, arg, extra={"flow": _flow})
   return config
@@ -54,3 +60,4 @@ def _flow(config, value: str) -> None:
   del value
   config.diffusion.objective = "flow"
   config.sample.method = "euler"
+  config.sample.num_steps = 20

@@ -114,7 +114,8 @@ def test_mnist_offline_flow_variant_changes_only_the_objective_and_sampler():
   ddpm, flow = load("mnist_offline").to_dict(), load("mnist_offline", "flow").to_dict()
   assert (flow["diffusion"].pop("objective"), ddpm["diffusion"].pop("objective")) == (
       "flow", "ddpm")
-  assert (flow["sample"].pop("method"), ddpm["sample"].pop("method")) == ("euler", "ddim")
+  assert (flow["sample"].pop("method"), ddpm["sample"].pop("method")) == ("euler", "dpmpp_2m")
+  assert (flow["sample"].pop("num_steps"), ddpm["sample"].pop("num_steps")) == (20, 10)
   assert flow == ddpm
 
 
