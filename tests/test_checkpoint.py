@@ -259,3 +259,22 @@ def test_a_save_broken_by_a_dead_peer_says_so_and_names_the_intact_step(tmp_path
   monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 1)
   message = str(checkpoint._save_failed(manager, 4, gloo))  # pylint: disable=protected-access
   assert "free space" in message  # one process has no peer to lose
+
+
+def test_tuple_overrides_survive_the_json_round_trip_of_a_resume():
+  """The signature is saved as JSON, where tuples come back as lists: a run with tuple-valued
+  model overrides (the offline default's channel_mult) must still resume."""
+  import json  # pylint: disable=import-outside-toplevel
+  from configs import mnist_offline  # pylint: disable=import-outside-toplevel
+  from jaxdiff import config as config_lib  # pylint: disable=import-outside-toplevel
+  from jaxdiff.data import DatasetInfo  # pylint: disable=import-outside-toplevel
+  config = config_lib.parse_config(mnist_offline.get_config())
+  assert config.model.overrides["channel_mult"] == (1, 2, 2)
+  info = DatasetInfo(image_size=32, channels=1, num_classes=10, num_examples=5000)
+  current = {"signature": checkpoint.model_signature(config, info)}
+  saved = json.loads(json.dumps(current))
+  checkpoint.check_compatible(saved, current, "step 8")  # raises on any difference
+  other = dict(saved, signature=dict(saved["signature"], **{
+      "model.overrides.channel_mult": [1, 2]}))
+  with pytest.raises(checkpoint.CheckpointError, match="channel_mult"):
+    checkpoint.check_compatible(other, current, "step 8")

@@ -123,8 +123,8 @@ def model_signature(config: Config, info: DatasetInfo) -> dict[str, Any]:
       "train.ema_decays": list(config.train.ema_decays),
   }
   for field, value in sorted(config.model.overrides.items()):
-    if f"overrides.{field}" not in _NON_STRUCTURAL:
-      signature[f"model.overrides.{field}"] = value
+    if f"overrides.{field}" not in _NON_STRUCTURAL:  # tuples as lists: as saved in JSON
+      signature[f"model.overrides.{field}"] = list(value) if isinstance(value, tuple) else value
   if config.text.enabled:  # the pipeline U-Net's layout (its weights may change on resume)
     model = state_lib.make_model(config, info)
     signature["text.pipeline U-Net"] = repr(sorted(
