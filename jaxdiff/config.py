@@ -539,12 +539,13 @@ def check_model_fits(model: ModelConfig, info: DatasetInfo, task: str = "diffusi
 
 def to_dict(config_dict: ml_collections.ConfigDict) -> dict[str, Any]:
   """JSON-able dict of a ConfigDict (tuples become lists)."""
-  return _jsonable(config_dict.to_dict())
+  return jsonable(config_dict.to_dict())
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+  """`value` as it comes back from JSON: tuples become lists, mapping keys strings."""
   if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
+    return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
+    return [jsonable(v) for v in value]
   return value

@@ -26,12 +26,14 @@ import sys
 import time
 
 from absl import app, flags
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 from experiments import common  # noqa: E402  pylint: disable=wrong-import-position
 from jaxdiff import cli  # noqa: E402  pylint: disable=wrong-import-position
+from jaxdiff.eval import digits  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("runs", "/tmp/first_run", "Folder of the variants' run directories.")
@@ -52,66 +54,45 @@ _DIT_P4 = {"model.name": "dit-s/2", "model.overrides.patch_size": 4,
 _UNET_3 = {"model.name": "unet-tiny", "model.overrides.channels": 16,
            "model.overrides.channel_mult": (1, 2, 2), "model.overrides.attention_levels": (2,)}
 _V_COSINE = {"diffusion.prediction": "v", "diffusion.schedule": "cosine"}
+_EPS_LINEAR = {"diffusion.prediction": "eps", "diffusion.schedule": "linear"}
+# Every screening variant samples with deterministic DDIM 20 (other samplers: SAMPLERS).
+_DDIM_20 = {"sample.method": "ddim", "sample.num_steps": 20}
+_DIT_P4_400 = {**_DIT_P4, "train.num_steps": 400, "train.batch_size": 64, **_DDIM_20}
+_UNET_3_600 = {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32, **_DDIM_20}
 
-# name -> (what changes, config overrides). Each starts from --config.
+# name -> (what changes, config overrides). Each starts from --base_config.
 VARIANTS = {
     "default_r1": ("first round's default: unet-tiny c16, eps, linear, batch 32, 1,500 steps, "
                    "DDIM 20",
-                   {**_UNET_TINY, "train.num_steps": 1500, "train.batch_size": 32,
-                    "diffusion.prediction": "eps", "diffusion.schedule": "linear",
-                    "train.ema_decays": (0.99,), "sample.method": "ddim",
-                    "sample.num_steps": 20, "model.class_conditional": False}),
+                   {**_UNET_TINY, "train.num_steps": 1500, "train.batch_size": 32, **_EPS_LINEAR,
+                    "train.ema_decays": (0.99,), **_DDIM_20, "model.class_conditional": False}),
     "unet_tiny": ("the same U-Net at a 5-minute budget: 500 steps",
-                  {**_UNET_TINY, "train.num_steps": 500, "train.batch_size": 32,
-                   "diffusion.prediction": "eps", "diffusion.schedule": "linear",
-                   "sample.method": "ddim", "sample.num_steps": 20}),
-    "dit4_eps": ("DiT patch 4, batch 64, 350 steps, eps, linear",
-                 {**_DIT_P4, "train.num_steps": 400, "train.batch_size": 64,
-                  "diffusion.prediction": "eps", "diffusion.schedule": "linear",
-                  "sample.method": "ddim", "sample.num_steps": 20}),
+                  {**_UNET_TINY, "train.num_steps": 500, "train.batch_size": 32, **_EPS_LINEAR,
+                   **_DDIM_20}),
+    "dit4_eps": ("DiT patch 4, batch 64, 400 steps, eps, linear", {**_DIT_P4_400, **_EPS_LINEAR}),
     "dit4_v": ("dit4_eps with v prediction and the cosine schedule",
-               {**_DIT_P4, "train.num_steps": 400, "train.batch_size": 64, **_V_COSINE,
-                "sample.method": "ddim", "sample.num_steps": 20}),
+               {**_DIT_P4_400, **_V_COSINE}),
     "dit4_v_cond": ("dit4_v, class-conditional (labels cycle 0-9 in samples)",
-                    {**_DIT_P4, "train.num_steps": 400, "train.batch_size": 64, **_V_COSINE,
-                     "model.class_conditional": True,
-                     "sample.method": "ddim", "sample.num_steps": 20}),
+                    {**_DIT_P4_400, **_V_COSINE, "model.class_conditional": True}),
     "unet3": ("three-level U-Net, width 16, attention at 8x8; batch 32, 600 steps, eps, linear",
-              {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32,
-               "diffusion.prediction": "eps", "diffusion.schedule": "linear",
-               "sample.method": "ddim", "sample.num_steps": 20}),
-    "unet3_v": ("unet3 with v prediction and the cosine schedule",
-                {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32, **_V_COSINE,
-                 "sample.method": "ddim", "sample.num_steps": 20}),
+              {**_UNET_3_600, **_EPS_LINEAR}),
+    "unet3_v": ("unet3 with v prediction and the cosine schedule", {**_UNET_3_600, **_V_COSINE}),
     "unet3_cond": ("unet3, class-conditional (labels cycle 0-9 in samples)",
-                   {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32,
-                    "diffusion.prediction": "eps", "diffusion.schedule": "linear",
-                    "model.class_conditional": True,
-                    "sample.method": "ddim", "sample.num_steps": 20}),
+                   {**_UNET_3_600, **_EPS_LINEAR, "model.class_conditional": True}),
     "unet3_minsnr": ("unet3 with Min-SNR-5 loss weighting (Hang et al. 2023)",
-                     {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32,
-                      "diffusion.prediction": "eps", "diffusion.schedule": "linear",
-                      "diffusion.weighting": "min_snr",
-                      "sample.method": "ddim", "sample.num_steps": 20}),
+                     {**_UNET_3_600, **_EPS_LINEAR, "diffusion.weighting": "min_snr"}),
     "unet3_x0": ("unet3 predicting x0 (plain x0 MSE), linear schedule",
-                 {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32,
-                  "diffusion.prediction": "x0", "diffusion.schedule": "linear",
-                  "sample.method": "ddim", "sample.num_steps": 20}),
+                 {**_UNET_3_600, "diffusion.prediction": "x0", "diffusion.schedule": "linear"}),
     "unet3_v_lr4e-3": ("unet3_v at twice the peak learning rate (4e-3)",
-                       {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32, **_V_COSINE,
-                        "optimizer.learning_rate": 4e-3,
-                        "sample.method": "ddim", "sample.num_steps": 20}),
+                       {**_UNET_3_600, **_V_COSINE, "optimizer.learning_rate": 4e-3}),
     "unet3_v_b16": ("unet3_v at batch 16 for 1,000 steps",
-                    {**_UNET_3, "train.num_steps": 1000, "train.batch_size": 16, **_V_COSINE,
-                     "sample.method": "ddim", "sample.num_steps": 20}),
+                    {**_UNET_3_600, **_V_COSINE, "train.num_steps": 1000,
+                     "train.batch_size": 16}),
     "unet3_v_c24": ("unet3_v at width 24 (0.6M parameters), 400 steps",
-                    {**_UNET_3, "model.overrides.channels": 24, "train.num_steps": 400,
-                     "train.batch_size": 32, **_V_COSINE,
-                     "sample.method": "ddim", "sample.num_steps": 20}),
+                    {**_UNET_3_600, **_V_COSINE, "model.overrides.channels": 24,
+                     "train.num_steps": 400}),
     "unet3_v_minsnr": ("unet3_v with Min-SNR-5 weighting",
-                       {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32, **_V_COSINE,
-                        "diffusion.weighting": "min_snr",
-                        "sample.method": "ddim", "sample.num_steps": 20}),
+                       {**_UNET_3_600, **_V_COSINE, "diffusion.weighting": "min_snr"}),
 }
 
 
@@ -175,7 +156,7 @@ def run_variant(name: str, scorer, rows: dict[str, dict]) -> dict:
   """Trains (or, for a sampler variant, reuses), samples and scores one variant; its row."""
   meter = common.LoadMeter()
   if "@" in name:
-    trained, sampler = name.split("@")
+    trained, sampler = name.split("@", 1)
     sample_flags = SAMPLERS[sampler]
     if trained not in rows:
       raise RuntimeError(f"sampler variant {name} needs variant {trained} first")
@@ -196,8 +177,6 @@ def run_variant(name: str, scorer, rows: dict[str, dict]) -> dict:
                    f"--num_samples={FLAGS.num_samples}", f"--out={out}", *sample_flags])
   load = meter.record()
   (npz,) = [f for f in os.listdir(out) if f.endswith(".npz")]
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jaxdiff.eval import digits  # pylint: disable=import-outside-toplevel
   with np.load(os.path.join(out, npz)) as data:
     scores = digits.score_digits(scorer, data["arr_0"])
   return {"variant": name, "description": description, "overrides": overrides,
@@ -235,7 +214,6 @@ def main(argv):
   if unknown:
     cli.fail(f"--variants: unknown {unknown}; choose from {', '.join(known)}, default_steps=N, "
              f"each optionally followed by @ and one of {', '.join(SAMPLERS)}")
-  from jaxdiff.eval import digits  # pylint: disable=import-outside-toplevel
   scorer = digits.load_scorer(FLAGS.scorer_cache)
   rows = {row["variant"]: row for row in read_rows(FLAGS.rows)}
   for name in names:

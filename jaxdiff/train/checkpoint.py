@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from jaxdiff.config import Config, CheckpointConfig, ConfigError, parse_config, to_dict
+from jaxdiff.config import Config, CheckpointConfig, ConfigError, jsonable, parse_config, to_dict
 from jaxdiff.data import DatasetInfo
 from jaxdiff.data import latents as latents_lib
 from jaxdiff.models import AutoencoderKL
@@ -120,17 +120,18 @@ def model_signature(config: Config, info: DatasetInfo) -> dict[str, Any]:
       "data.image_size": info.image_size,
       "data.channels": info.channels,
       "dataset num_classes": info.num_classes if config.model.class_conditional else 0,
-      "train.ema_decays": list(config.train.ema_decays),
+      "train.ema_decays": config.train.ema_decays,
   }
   for field, value in sorted(config.model.overrides.items()):
-    if f"overrides.{field}" not in _NON_STRUCTURAL:  # tuples as lists: as saved in JSON
-      signature[f"model.overrides.{field}"] = list(value) if isinstance(value, tuple) else value
+    if f"overrides.{field}" not in _NON_STRUCTURAL:
+      signature[f"model.overrides.{field}"] = value
   if config.text.enabled:  # the pipeline U-Net's layout (its weights may change on resume)
     model = state_lib.make_model(config, info)
     signature["text.pipeline U-Net"] = repr(sorted(
         (f.name, getattr(model, f.name)) for f in dataclasses.fields(model)
         if f.name not in ("dropout", "dtype", "param_dtype", "parent", "name")))
-  return signature
+  # As it comes back from the checkpoint's JSON (tuples as lists), so the two compare equal.
+  return jsonable(signature)
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
