@@ -119,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.fsdp = 1  # Devices per fsdp group (shards params/EMA/moments); the rest are data.
   config.mesh.fsdp_min_size = 2**14  # Params with fewer elements stay replicated.
+  # CPU-only `jaxdiff.train`: split the host's cores into this many JAX devices (data parallel).
+  # Faster for small models (configs/mnist_offline.py), slower for DiT-S/2 (experiments/README.md).
+  config.mesh.cpu_devices = 0  # 0 = JAX's one CPU device.
 
   config.sample = ml_collections.ConfigDict()
   config.sample.method = "ddim"  # Sampler for grids during training: ddpm | ddim | dpmpp_2m | unipc | euler | euler_ancestral | heun; flow: euler | heun | euler_maruyama; edm: heun.

@@ -16,15 +16,19 @@ by the offline digit scorer. What it chose, against the first round's default:
   per step than two levels with attention at 16x16, and every pixel sees the whole digit;
 - v prediction on the cosine schedule: the largest single gain (speckled and grey backgrounds
   disappear; eps on the linear schedule leaves them after a few hundred steps);
-- 1,400 steps at batch 16 rather than 600 at batch 32 (more updates in the same time), AdamW at
+- 1,600 steps at batch 16 rather than 600 at batch 32 (more updates in the same time), AdamW at
   4e-3 with 100 warm-up steps and cosine decay to 5%, EMA 0.99 (a short run: the average must
   follow fast-moving weights);
+- the two CPU cores as two JAX devices with 8 images each (`mesh.cpu_devices = 2`): this
+  model's ops are too small for XLA:CPU to spread one op over both cores, and the step runs
+  about twice as fast (experiments/README.md, finding 7);
 - previews and `sample` use DPM-Solver++ 2M with 10 steps: 1,000 samples in under a minute.
-  DDIM 20 scores better (62.1 against 68.9) but takes 78 s.
 
-Measured quietly on this project's 2-core CPU: training 263 s (compilation included); 1,000 samples
-48 s; Fréchet distance 68.9 on the digit scorer (held-out real digits: 1.04), all ten classes.
-The first round's default scored 82.2 after 14 minutes.
+Measured on this project's 2-core CPU (quiet: other processes under 0.01 cores): training
+274 s and 344 s in two runs within the hour, compilation included (the same steps ran 1.4x slower
+in the second: this virtual machine's speed drifts); 1,000 samples 45-54 s; Fréchet distance 61.5 on the
+digit scorer (held-out real digits: 1.03), all ten classes. The previous default (1,400 steps on
+one device) scored 68.9 in 263 s; the first round's default 82.2 after 14 minutes.
 """
 
 from configs import base
@@ -42,12 +46,13 @@ def get_config(arg: str | None = None):
   config.optimizer.warmup_steps = 100
   config.optimizer.decay = "cosine"
   config.optimizer.end_lr_fraction = 0.05
-  config.train.num_steps = 1400
+  config.train.num_steps = 1600
   config.train.batch_size = 16
   config.train.ema_decays = (0.99,)
   config.train.log_every = 50
-  config.train.sample_every = 350
-  config.checkpoint.every_steps = 350
+  config.train.sample_every = 400
+  config.checkpoint.every_steps = 400
+  config.mesh.cpu_devices = 2
   config.sample.method = "dpmpp_2m"
   config.sample.num_steps = 10
   config.sample.num_images = 36

@@ -57,6 +57,10 @@ _FORCE = flags.DEFINE_bool(
 _MATMUL_PRIMITIVES = ("dot_general", "conv_general_dilated")
 
 
+# Whether `run` applied jaxdiff.cli.keep_host_memory (None: not started through `run`).
+_HOST_MEMORY_KEPT = None
+
+
 def machine_info() -> dict:
   """Describes the machine and the software, for the JSON record."""
   device = jax.devices()[0]
@@ -70,6 +74,7 @@ def machine_info() -> dict:
       "python": sys.version.split()[0],
       "jax": jax.__version__,
       "loadavg_start": os.getloadavg(),
+      "host_memory_kept": _HOST_MEMORY_KEPT,
   }
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -422,9 +427,16 @@ def _json_default(value):
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)`, turning NotQuiet into one `error:` line and exit status 2."""
+  """`absl.app.run(main)`, turning NotQuiet into one `error:` line and exit status 2.
+
+  Applies `jaxdiff.cli.keep_host_memory` first, as every jaxdiff command does (so on CPU a
+  PyTorch reference timed in the same process runs with the same malloc settings).
+  """
   from absl import app  # pylint: disable=import-outside-toplevel
   from jaxdiff import cli  # pylint: disable=import-outside-toplevel
+
+  global _HOST_MEMORY_KEPT
+  _HOST_MEMORY_KEPT = cli.keep_host_memory()
 
   def guarded(argv):
     try:

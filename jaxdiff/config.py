@@ -106,6 +106,7 @@ class CheckpointConfig:
 class MeshConfig:
   fsdp: int
   fsdp_min_size: int
+  cpu_devices: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +398,8 @@ def _check_train(config: Config) -> None:
   _check(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
          config.checkpoint.max_to_keep, "keep at least one checkpoint")
   _check(config.mesh.fsdp >= 1, "mesh.fsdp", config.mesh.fsdp, "use 1 (data parallel) or more")
+  _check(config.mesh.cpu_devices >= 0, "mesh.cpu_devices", config.mesh.cpu_devices,
+         "use 0 (JAX's default) or a device count")
 
 
 def _check_sample(config: Config) -> None:

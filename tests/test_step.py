@@ -220,7 +220,10 @@ def test_the_step_feeds_each_example_its_context_or_after_dropout_the_empty_prom
   replaced = {**batch, "context": np.where(dropped[:, None, None], null, batch["context"])}
   by_hand, _ = step_lib.train_step(state, replaced, key, **kwargs)
   without, _ = step_lib.train_step(state, batch, key, **kwargs)
-  jax.tree.map(np.testing.assert_array_equal, with_dropout.params, by_hand.params)
+  # Equal up to float32 rounding: the step's in-graph select and the replaced input may fuse
+  # differently (1 ulp seen); feeding a wrong row moves the params by orders of magnitude more.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+               with_dropout.params, by_hand.params)
   assert not np.allclose(with_dropout.params["Dense_0"]["kernel"],
                          without.params["Dense_0"]["kernel"])
 

@@ -93,6 +93,11 @@ VARIANTS = {
                      "train.num_steps": 400}),
     "unet3_v_minsnr": ("unet3_v with Min-SNR-5 weighting",
                        {**_UNET_3_600, **_V_COSINE, "diffusion.weighting": "min_snr"}),
+    # At the budget of the current default (1,600 steps at batch 16 on two CPU devices).
+    "default_minsnr": ("the default with Min-SNR-5 weighting",
+                       {**_UNET_3, "diffusion.weighting": "min_snr"}),
+    "default_c24": ("the default at width 24 (0.6M parameters), 1,100 steps",
+                    {**_UNET_3, "model.overrides.channels": 24, "train.num_steps": 1100}),
 }
 
 

@@ -100,6 +100,7 @@ def main(argv: list[str]) -> None:
 
 def _train(workdir: str):
   from jaxdiff.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  cli.use_cpu_devices(_CONFIG.value.mesh.cpu_devices)
   try:
     return loop.train(_CONFIG.value, workdir)
   except checkpoint.SaveError as error:
