@@ -36,6 +36,7 @@ def _run_cli(*args):
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # 50 s: the whole evaluate CLI with Inception features
 def test_end_to_end_json_table_and_proxy_label(tmp_path, hashed_weights):
   samples, ref_images = _images(0, 10), _images(1, 10)
   samples_path, ref_path = tmp_path / "samples_ddim50.npz", tmp_path / "ref.npz"

@@ -8,6 +8,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from jaxdiff.train import loop
 from jaxdiff.train import sharding as sharding_lib
@@ -55,6 +56,7 @@ def test_next_batches_feeds_cached_latents_as_the_data():
   assert float(np.asarray(got["image"]).max()) == 7.0
 
 
+@pytest.mark.slow  # 30 s: trains an autoencoder, caches latents, trains on them
 def test_trains_on_latents_cached_by_the_encoder(tmp_path):
   """The offline latent path end to end: images -> encode (a tiny random diffusers
   AutoencoderKL folder) -> a DiT trained on the 8x8x4 latents by the real loop, the encoder never

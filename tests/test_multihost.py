@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import base
 from jaxdiff.train import checkpoint, loop
@@ -31,6 +32,7 @@ def losses(workdir):
   return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
+@pytest.mark.slow  # a minute: two processes over gloo plus the one-process reference
 def test_two_processes_match_one(tmp_path):
   workdir = str(tmp_path / "two")
   port = free_port()
