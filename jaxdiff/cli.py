@@ -101,8 +101,9 @@ def use_cpu_devices(count: int) -> bool:
   """On a CPU-only process, makes JAX see the host's cores as `count` devices (data parallel).
 
   XLA:CPU parallelises each op over the cores; a small model's ops are too small for that to pay
-  (the offline default's U-Net step ran 1.4x faster as two devices with half the batch each than
-  as one device on both cores), while a large model's GEMMs are not (DiT-S/2 ran 2.7x slower).
+  (the offline default's U-Net step ran 1.4-2x faster as two devices with half the batch each
+  than as one device on both cores), while a large model's GEMMs are not (DiT-S/2 ran 2.7x
+  slower).
   Does nothing for `count` <= 1, where an accelerator may be used, where XLA_FLAGS already sets
   a host device count, or once JAX's backend has started (the count is fixed then). Returns
   whether it applied.

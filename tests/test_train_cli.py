@@ -29,10 +29,11 @@ with tfds.testing.mock_data(num_examples=32):
 """
 
 
-def env(devices: int = 1) -> dict[str, str]:
+def env(devices: int | None = 1) -> dict[str, str]:
+  """The subprocess environment; devices=None leaves the CPU device count to the command."""
+  count = "" if devices is None else f"--xla_force_host_platform_device_count={devices} "
   return {**os.environ, "JAX_PLATFORMS": "cpu", "TFDS_DATA_DIR": "/nonexistent/tfds",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                       "--xla_backend_optimization_level=0"}
+          "XLA_FLAGS": f"{count}--xla_backend_optimization_level=0"}
 
 
 def start(args, devices=1, mocked=False) -> subprocess.Popen:
@@ -143,6 +144,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_runs, name):
   assert code == 2, stderr[-3000:]
   assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
   assert BAD_INPUTS[name][2] in lines[0]
+  assert not os.path.exists(workdir)
+
+
+def test_cli_splits_the_cpu_into_the_configs_mesh_cpu_devices(tmp_path):
+  # Without a device count in XLA_FLAGS, the command makes mesh.cpu_devices devices: the batch
+  # check then names that count (one device would accept any batch).
+  workdir = tmp_path / "run"
+  code, stderr = finish(start(["--config=configs/mnist_offline.py:tiny", f"--workdir={workdir}",
+                               "--config.mesh.cpu_devices=3", "--config.train.batch_size=4"],
+                              devices=None))
+  assert code == 2, stderr[-3000:]
+  assert "device count 3" in stderr.strip().splitlines()[-1]
   assert not os.path.exists(workdir)
 
 
