@@ -75,6 +75,7 @@ def machine_info() -> dict:
       "jax": jax.__version__,
       "loadavg_start": os.getloadavg(),
       "host_memory_kept": _HOST_MEMORY_KEPT,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -429,14 +430,16 @@ def _json_default(value):
 def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)`, turning NotQuiet into one `error:` line and exit status 2.
 
-  Applies `jaxdiff.cli.keep_host_memory` first, as every jaxdiff command does (so on CPU a
-  PyTorch reference timed in the same process runs with the same malloc settings).
+  Applies `jaxdiff.cli.keep_host_memory` and `jaxdiff.cli.use_xla_cpu_convolutions` first, as
+  every jaxdiff command does (so on CPU a PyTorch reference timed in the same process runs with
+  the same malloc settings, and jaxdiff with the commands' XLA flags).
   """
   from absl import app  # pylint: disable=import-outside-toplevel
   from jaxdiff import cli  # pylint: disable=import-outside-toplevel
 
   global _HOST_MEMORY_KEPT
   _HOST_MEMORY_KEPT = cli.keep_host_memory()
+  cli.use_xla_cpu_convolutions()
 
   def guarded(argv):
     try:

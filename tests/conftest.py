@@ -1,4 +1,5 @@
-"""Test setup: 4 simulated CPU devices and full float32 matmul precision for every test.
+"""Test setup: 4 simulated CPU devices, the commands' XLA:CPU convolution setting
+(`jaxdiff.cli.use_xla_cpu_convolutions`) and full float32 matmul precision for every test.
 
 XLA_FLAGS must be set before JAX initialises its backends, so this runs at import time.
 Single-device checks build their mesh from `jax.devices()[:1]`.
@@ -12,6 +13,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from jaxdiff import cli  # noqa: E402
+
+cli.use_xla_cpu_convolutions()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 from absl import flags
 
@@ -118,6 +120,30 @@ def test_keep_host_memory_only_when_jax_runs_on_cpu(monkeypatch):
   assert not cli._accelerator_possible()
   monkeypatch.setenv("JAXDIFF_HOST_MALLOC", "system")
   assert not cli.keep_host_memory()
+
+
+def test_use_xla_cpu_convolutions_appends_its_flag_once_and_keeps_a_users_choice(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert cli.use_xla_cpu_convolutions()
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_force_host_platform_device_count=2",
+      "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+  assert not cli.use_xla_cpu_convolutions()  # already there: unchanged
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  assert not cli.use_xla_cpu_convolutions()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def test_convolutions_compile_without_ynnpack_and_dots_with_it():
+  # conftest applies the commands' setting to this process: XLA:CPU's own convolution, while a
+  # matmul stays a YNNPACK fusion (the default for both without the flag).
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  matmul = jax.jit(lambda a, b: a @ b)
+  conv_hlo = conv.lower(jnp.ones((4, 32, 32, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
+  matmul_hlo = matmul.lower(jnp.ones((256, 256)), jnp.ones((256, 256))).compile().as_text()
+  assert "convolution(" in conv_hlo and "__ynn_fusion" not in conv_hlo
+  assert "__ynn_fusion" in matmul_hlo
 
 
 _DEVICES_SEEN = """

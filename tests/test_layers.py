@@ -1,6 +1,7 @@
 """Tests of jaxdiff.models.layers: the sinusoidal timestep embedding against diffusers'
 `get_timestep_embedding` (torch, float32) and against its closed form in float64 NumPy; the
-attention core against float64 NumPy and torch's scaled_dot_product_attention."""
+attention core against float64 NumPy and torch's scaled_dot_product_attention; GroupNorm's
+values and gradients against torch's group_norm in float64."""
 import math
 
 import jax.numpy as jnp
@@ -9,9 +10,10 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
+import flax.linen
 import jax
 
-from jaxdiff.models.layers import attention, timestep_embedding
+from jaxdiff.models.layers import GroupNorm, attention, timestep_embedding
 
 # Integer and fractional timesteps, including 998.4, which a bfloat16 cast would turn into 1000.
 TIMESTEPS = np.array([0.0, 1.0, 0.5, 17.25, 499.0, 998.4, 999.0], np.float32)
@@ -113,3 +115,59 @@ def test_attention_matches_torch_sdpa_and_keeps_bfloat16():
   low = attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
   assert low.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(low, np.float32), expected, atol=0.05)
+
+
+# (input shape [B, ..., C], groups): the U-Net's 32 groups, groups of one channel and of all
+# channels, a non-square image, tokens [B, T, C] and a single position per example.
+GROUP_NORM_CASES = [((2, 8, 8, 64), 32), ((3, 5, 7, 12), 4), ((2, 6, 6, 8), 8),
+                    ((2, 6, 6, 8), 1), ((2, 10, 6), 2), ((4, 1, 1, 16), 4)]
+
+
+def _torch_group_norm_float64(x, scale, bias, groups, eps, cotangent):
+  """torch's group_norm on [B, C, ...] in float64: (output, d<out, cotangent>/d(x, scale, bias))
+  as channels-last NumPy."""
+  to_torch = lambda a: torch.from_numpy(np.moveaxis(a, -1, 1).astype(np.float64))
+  xt = to_torch(x).requires_grad_()
+  st = torch.from_numpy(scale.astype(np.float64)).requires_grad_()
+  bt = torch.from_numpy(bias.astype(np.float64)).requires_grad_()
+  out = torch.nn.functional.group_norm(xt, groups, st, bt, eps)
+  (out * to_torch(cotangent)).sum().backward()
+  back = lambda t: np.moveaxis(t.detach().numpy(), 1, -1)
+  return back(out), (back(xt.grad), st.grad.numpy(), bt.grad.numpy())
+
+
+@pytest.mark.parametrize("shape,groups", GROUP_NORM_CASES)
+def test_group_norm_and_its_gradient_match_torch_in_float64(shape, groups):
+  rng = np.random.default_rng(sum(shape) + groups)
+  # A large offset against a small spread: E[x^2] - E[x]^2 would lose most digits here.
+  x = (rng.normal(size=shape) * 0.5 + 20.0).astype(np.float32)
+  scale = rng.uniform(0.5, 1.5, shape[-1]).astype(np.float32)
+  bias = rng.normal(size=shape[-1]).astype(np.float32)
+  cotangent = rng.normal(size=shape).astype(np.float32)
+  expected, expected_grads = _torch_group_norm_float64(x, scale, bias, groups, 1e-6, cotangent)
+
+  layer = GroupNorm(num_groups=groups, epsilon=1e-6)
+  params = {"params": {"scale": scale, "bias": bias}}
+  loss = lambda p, x: jnp.sum(layer.apply(p, x) * cotangent)
+  grad_params, grad_x = jax.grad(loss, argnums=(0, 1))(params, x)
+
+  np.testing.assert_allclose(layer.apply(params, x), expected, rtol=0, atol=2e-5)
+  # The closed-form backward: float32 against float64, relative to each gradient's size.
+  for got, want in ((grad_x, expected_grads[0]), (grad_params["params"]["scale"], expected_grads[1]),
+                    (grad_params["params"]["bias"], expected_grads[2])):
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max() + 1e-6)
+
+
+def test_group_norm_keeps_flax_parameters_and_dtypes():
+  x = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
+  layer = GroupNorm(num_groups=4, epsilon=1e-5)
+  params = layer.init(jax.random.key(0), x)
+  reference = flax.linen.GroupNorm(num_groups=4, epsilon=1e-5, use_fast_variance=False)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference.init(
+      jax.random.key(0), x))
+  # bfloat16 activations: statistics in float32, the output in the layer's dtype.
+  half = layer.clone(dtype=jnp.bfloat16).apply(params, x.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), layer.apply(params, x), atol=0.05)
+  with pytest.raises(ValueError, match="do not split into 3 groups"):
+    GroupNorm(num_groups=3).init(jax.random.key(0), x)

@@ -21,7 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import attention
+from jaxdiff.models.layers import attention, group_norm
 
 
 def _dense(features: int, dtype: Any, param_dtype: Any, name: str, *, use_bias: bool = True,
@@ -124,8 +124,7 @@ class SpatialTransformer(nn.Module):
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
     """x: [B, H, W, C], context: [B, S, D_context] -> [B, H, W, C]."""
     batch, height, width, channels = x.shape
-    h = nn.GroupNorm(num_groups=self.norm_groups, epsilon=1e-6, dtype=self.dtype,
-                     param_dtype=self.param_dtype, use_fast_variance=False, name="norm")(x)
+    h = group_norm(self.norm_groups, 1e-6, self.dtype, self.param_dtype, "norm")(x)
     h = h.reshape(batch, height * width, channels)
     h = _dense(channels, self.dtype, self.param_dtype, "proj_in")(h)
     for i in range(self.num_layers):
