@@ -168,12 +168,15 @@ class Attention(nn.Module):
     if context is None:
       # Layout (q|k|v, head, channel) as in timm/DiT, so fused checkpoints map directly.
       qkv = dense(3 * width, name="qkv")(x)
-      q, k, v = einops.rearrange(qkv, "b t (qkv heads d) -> qkv b t heads d", qkv=3, heads=heads)
+      # jnp.split, not indexing a stacked axis: its gradient is one concatenate, not three pads.
+      q, k, v = (einops.rearrange(part, "b t (heads d) -> b t heads d", heads=heads)
+                 for part in jnp.split(qkv, 3, axis=-1))
     else:
       q = dense(width, name="query")(x)
       q = einops.rearrange(q, "b t (heads d) -> b t heads d", heads=heads)
       kv = dense(2 * width, name="key_value")(context)
-      k, v = einops.rearrange(kv, "b s (kv heads d) -> kv b s heads d", kv=2, heads=heads)
+      k, v = (einops.rearrange(part, "b s (heads d) -> b s heads d", heads=heads)
+              for part in jnp.split(kv, 2, axis=-1))
     out = attention(q, k, v)
     return dense(width, name="out")(einops.rearrange(out, "b t heads d -> b t (heads d)"))
 
