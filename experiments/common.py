@@ -430,7 +430,7 @@ def _json_default(value):
 def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)`, turning NotQuiet into one `error:` line and exit status 2.
 
-  Applies `jaxdiff.cli.keep_host_memory` and `jaxdiff.cli.use_xla_cpu_convolutions` first, as
+  Applies `jaxdiff.cli.prepare_process` first (host memory kept, XLA's own convolutions), as
   every jaxdiff command does (so on CPU a PyTorch reference timed in the same process runs with
   the same malloc settings, and jaxdiff with the commands' XLA flags).
   """
@@ -438,8 +438,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   from jaxdiff import cli  # pylint: disable=import-outside-toplevel
 
   global _HOST_MEMORY_KEPT
-  _HOST_MEMORY_KEPT = cli.keep_host_memory()
-  cli.use_xla_cpu_convolutions()
+  _HOST_MEMORY_KEPT = cli.prepare_process()
 
   def guarded(argv):
     try:

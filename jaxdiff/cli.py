@@ -61,11 +61,10 @@ def parse_flags(argv: list[str], validate: Callable[[], Any] | None = None) -> l
   """absl flag parsing that reports a bad flag, config file or config override on one line.
 
   `validate`, if given, runs after parsing (e.g. loading a lazily read config file) and its
-  errors are reported the same way. Runs `keep_host_memory` and `use_xla_cpu_convolutions`
-  first: every command parses its flags before JAX starts.
+  errors are reported the same way. Runs `prepare_process` first: every command parses its
+  flags before JAX starts.
   """
-  keep_host_memory()
-  use_xla_cpu_convolutions()
+  prepare_process()
   try:
     remaining = flags.FLAGS(argv)
     if validate is not None:
@@ -79,6 +78,14 @@ def parse_flags(argv: list[str], validate: Callable[[], Any] | None = None) -> l
     if any(line.startswith("Traceback") for line in lines):  # an error inside the config file
       text = f"{lines[0].split(': Error whilst')[0]}: {lines[-1].strip()}"
     fail(f"bad flag: {one_line(text) or repr(error)}")
+
+
+def prepare_process() -> bool:
+  """The process settings of every command, applied before JAX starts: `keep_host_memory` and
+  `use_xla_cpu_convolutions`. Returns whether host memory is kept."""
+  kept = keep_host_memory()
+  use_xla_cpu_convolutions()
+  return kept
 
 
 def keep_host_memory() -> bool:

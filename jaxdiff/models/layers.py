@@ -53,11 +53,12 @@ def kernel_init(zero: bool):
   return nn.initializers.zeros_init() if zero else KERNEL_INIT
 
 
-def _group_sums(t: jnp.ndarray, groups: int) -> jnp.ndarray:
-  """[B, N, C] -> [B, G]: sums over the positions first (a reduction over the major axis, the
-  channels kept contiguous), then over each group's C / G channels."""
+def _group_means(t: jnp.ndarray, groups: int) -> jnp.ndarray:
+  """[B, N, C] -> [B, G]: each group's mean, summing over the positions first (a reduction over
+  the major axis, the channels kept contiguous), then over each group's C / G channels."""
   per_channel = jnp.sum(t, axis=1)
-  return jnp.sum(per_channel.reshape(t.shape[0], groups, -1), axis=-1)
+  group_sums = jnp.sum(per_channel.reshape(t.shape[0], groups, -1), axis=-1)
+  return group_sums / (t.shape[1] * (t.shape[2] // groups))
 
 
 def _per_channel(per_group: jnp.ndarray, channels: int) -> jnp.ndarray:
@@ -65,34 +66,29 @@ def _per_channel(per_group: jnp.ndarray, channels: int) -> jnp.ndarray:
   return jnp.repeat(per_group, channels // per_group.shape[1], axis=1)[:, None, :]
 
 
-def _group_statistics(x: jnp.ndarray, groups: int, eps: float):
-  """Two-pass statistics of [B, N, C] float32: (mean, 1 / sqrt(var + eps)), each [B, 1, C]."""
-  count = x.shape[1] * (x.shape[2] // groups)
-  mean = _per_channel(_group_sums(x, groups) / count, x.shape[2])
+def _group_normalize_fwd(x, scale, bias, groups, eps):
+  """Two-pass statistics of [B, N, C] float32, then (x - mean) * (inv_std * scale) + bias; the
+  residuals for `_group_normalize_bwd`."""
+  channels = x.shape[2]
+  mean = _per_channel(_group_means(x, groups), channels)
   centred = x - mean
-  var = _group_sums(centred * centred, groups) / count
-  return mean, _per_channel(jax.lax.rsqrt(var + eps), x.shape[2])
+  inv_std = _per_channel(jax.lax.rsqrt(_group_means(centred * centred, groups) + eps), channels)
+  return centred * (inv_std * scale) + bias, (x, mean, inv_std, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _group_normalize(x, scale, bias, groups, eps):
-  mean, inv_std = _group_statistics(x, groups, eps)
-  return (x - mean) * (inv_std * scale) + bias
-
-
-def _group_normalize_fwd(x, scale, bias, groups, eps):
-  mean, inv_std = _group_statistics(x, groups, eps)
-  return (x - mean) * (inv_std * scale) + bias, (x, mean, inv_std, scale)
+  return _group_normalize_fwd(x, scale, bias, groups, eps)[0]
 
 
 def _group_normalize_bwd(groups, eps, residuals, dy):
   del eps
   x, mean, inv_std, scale = residuals
-  count = x.shape[1] * (x.shape[2] // groups)
+  channels = x.shape[2]
   x_hat = (x - mean) * inv_std
   dx_hat = dy * scale
-  mean_dx_hat = _per_channel(_group_sums(dx_hat, groups) / count, x.shape[2])
-  mean_dx_hat_x_hat = _per_channel(_group_sums(dx_hat * x_hat, groups) / count, x.shape[2])
+  mean_dx_hat = _per_channel(_group_means(dx_hat, groups), channels)
+  mean_dx_hat_x_hat = _per_channel(_group_means(dx_hat * x_hat, groups), channels)
   dx = inv_std * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)
   return dx, jnp.sum(dy * x_hat, axis=(0, 1)), jnp.sum(dy, axis=(0, 1))
 
