@@ -164,16 +164,18 @@ def load_model(options: SampleOptions
   Returns:
     (model, provenance, options): provenance holds `checkpoint_step` (-1 for a diffusers folder)
     and `ema_decay` (0.0 when sampling the raw parameters); the options come back with the
-    sampler settings the user left unset resolved from the model's source (the run's
-    config.sample.clip_denoised; a diffusers scheduler config's method, spacing and clip_sample).
+    sampler settings the user left unset (at their defaults) resolved from the model's source
+    (a run's config.sample method, steps, spacing, eta, clip_denoised and guidance, as its
+    previews used them; a diffusers scheduler config's method, spacing and clip_sample).
   """
   if options.diffusers is not None:
     model, defaults = load_diffusers_model(options)
     provenance = {"checkpoint_step": -1, "ema_decay": 0.0}
   else:
     model, provenance, defaults = load_checkpoint_model(options)
+  field_defaults = {field.name: field.default for field in dataclasses.fields(options.sampler)}
   unset = {name: value for name, value in defaults.items()
-           if getattr(options.sampler, name) is None}
+           if getattr(options.sampler, name) == field_defaults[name]}
   return model, provenance, dataclasses.replace(
       options, sampler=dataclasses.replace(options.sampler, **unset))
 
@@ -374,7 +376,10 @@ def load_checkpoint_model(options: SampleOptions
   run_sampler = config.sample.sampler
   defaults = {"method": run_sampler.method, "num_steps": run_sampler.num_steps,
               "spacing": run_sampler.spacing, "eta": run_sampler.eta,
-              "clip_denoised": model.objective == "ddpm" and run_sampler.clip_denoised}
+              "clip_denoised": model.objective == "ddpm" and run_sampler.clip_denoised,
+              "guidance_scale": run_sampler.guidance_scale,
+              "guidance_interval": run_sampler.guidance_interval,
+              "guidance_rescale": run_sampler.guidance_rescale}
   if config.text.enabled:
     model, defaults = with_pipeline(model, config.text.pipeline, options, defaults)
   return model, {"checkpoint_step": step, "ema_decay": ema_decay}, defaults

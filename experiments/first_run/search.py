@@ -60,8 +60,16 @@ _DDIM_20 = {"sample.method": "ddim", "sample.num_steps": 20}
 _DIT_P4_400 = {**_DIT_P4, "train.num_steps": 400, "train.batch_size": 64, **_DDIM_20}
 _UNET_3_600 = {**_UNET_3, "train.num_steps": 600, "train.batch_size": 32, **_DDIM_20}
 
-# name -> (what changes, config overrides). Each starts from --base_config.
-VARIANTS = {
+# The default of 2026-12-06 (unconditional, 1,600 steps), which every variant below was run
+# against; `default` is the config as it is now (class-conditional, guided, 1,200 steps).
+_UNCONDITIONAL_DEFAULT = {"model.class_conditional": False, "model.class_dropout_prob": 0.0,
+                          "sample.guidance_scale": 1.0, "train.num_steps": 1600,
+                          "train.sample_every": 400, "sample.num_images": 36}
+_CONDITIONAL = {"model.class_conditional": True, "model.class_dropout_prob": 0.1}
+
+# name -> (what changes, config overrides): each starts from --base_config with
+# _UNCONDITIONAL_DEFAULT's overrides (see VARIANTS).
+_VARIANTS = {
     "default_r1": ("first round's default: unet-tiny c16, eps, linear, batch 32, 1,500 steps, "
                    "DDIM 20",
                    {**_UNET_TINY, "train.num_steps": 1500, "train.batch_size": 32, **_EPS_LINEAR,
@@ -93,12 +101,20 @@ VARIANTS = {
                      "train.num_steps": 400}),
     "unet3_v_minsnr": ("unet3_v with Min-SNR-5 weighting",
                        {**_UNET_3_600, **_V_COSINE, "diffusion.weighting": "min_snr"}),
-    # At the budget of the current default (1,600 steps at batch 16 on two CPU devices).
+    # At the budget of the unconditional default (1,600 steps at batch 16 on two CPU devices).
     "default_minsnr": ("the default with Min-SNR-5 weighting",
                        {**_UNET_3, "diffusion.weighting": "min_snr"}),
     "default_c24": ("the default at width 24 (0.6M parameters), 1,100 steps",
                     {**_UNET_3, "model.overrides.channels": 24, "train.num_steps": 1100}),
+    "default_cond": ("the default, class-conditional with 10% label dropout (for guidance)",
+                     {**_UNET_3, **_CONDITIONAL}),
+    "default_cond_1000": ("default_cond for 1,000 steps",
+                          {**_UNET_3, **_CONDITIONAL, "train.num_steps": 1000}),
+    "default_cond_1200": ("default_cond for 1,200 steps",
+                          {**_UNET_3, **_CONDITIONAL, "train.num_steps": 1200}),
 }
+VARIANTS = {name: (what, {**_UNCONDITIONAL_DEFAULT, **overrides})
+            for name, (what, overrides) in _VARIANTS.items()}
 
 
 # Other samplers on a trained variant's run: the variant "RUN@SAMPLER" samples RUN's final
@@ -117,6 +133,10 @@ SAMPLERS = {
     "dpmpp10": ["--method=dpmpp_2m", "--num_steps=10"],
     "unipc10": ["--method=unipc", "--num_steps=10"],
     "ddpm100": ["--method=ddpm", "--num_steps=100"],
+    "dpmpp10g1.25": ["--method=dpmpp_2m", "--num_steps=10", "--guidance_scale=1.25"],
+    "dpmpp10g1.5": ["--method=dpmpp_2m", "--num_steps=10", "--guidance_scale=1.5"],
+    "dpmpp10g2": ["--method=dpmpp_2m", "--num_steps=10", "--guidance_scale=2"],
+    "dpmpp10g3": ["--method=dpmpp_2m", "--num_steps=10", "--guidance_scale=3"],
 }
 
 

@@ -75,10 +75,13 @@ class SamplerSettings:
       None, "Clip the predicted x_0 to [-1, 1] in every step; unset: the run's "
       "config.sample.clip_denoised (a diffusers scheduler config's clip_sample).")
   guidance_scale: float | None = _setting(
-      None, "Classifier-free guidance scale s; unset or 1 = none.")
+      None, "Classifier-free guidance scale s (1 = none); unset: the run's "
+      "config.sample.guidance_scale, else none.")
   guidance_interval: tuple[float, ...] = _setting(
-      (), "Guide only at model timesteps t_low,t_high (inclusive); empty: everywhere.")
-  guidance_rescale: float = _setting(0.0, "CFG rescale phi (0 = off).")
+      (), "Guide only at model timesteps t_low,t_high (inclusive); empty: the run's "
+      "config.sample.guidance_interval, else everywhere.")
+  guidance_rescale: float = _setting(
+      0.0, "CFG rescale phi (0 = off); 0: the run's config.sample.guidance_rescale.")
   karras_sigmas: bool = _setting(False, "Karras sigmas (dpmpp_2m, unipc, euler, heun).")
   solver_order: int = _setting(2, "UniPC order (1-3).")
   diffusion_scale: float = _setting(1.0, "Flow euler_maruyama: c of the diffusion g^2 = c t.")
