@@ -68,7 +68,8 @@ CASES = [
         f"--config={TRAIN}", "--config.eval.fid_every=4", "--workdir={root}/new"],
      "eval.reference_stats", False),
     ("train/guidance without label dropout", "train", [
-        f"--config={TRAIN}", "--config.sample.guidance_scale=2.0", "--workdir={root}/new"],
+        f"--config={TRAIN}", "--config.model.class_dropout_prob=0.0",
+        "--config.sample.guidance_scale=2.0", "--workdir={root}/new"],
      "guidance", False),
     # train: files and checkpoints
     ("train/checkpoint of another model", "train", [
