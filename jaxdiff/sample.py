@@ -19,6 +19,9 @@ A text-to-image run (configs/mnist_captions.py: a pipeline's U-Net fine-tuned on
 samples like its pipeline folder with the fine-tuned U-Net in it: --prompt/--prompts encoded by
 the pipeline's text encoder, latents decoded by its VAE, its scheduler config's options.
 
+Sampler and guidance flags left unset sample a training run as its previews did (its
+config.sample: method, steps, spacing, eta, clipping, guidance scale, interval and rescale).
+
 A run trained with the flow or EDM objective (config.diffusion.objective) samples with that
 objective's samplers (see `jaxdiff.diffusion.methods_for`). A latent run (data.source=latents)
 decodes its samples with its autoencoder (config.autoencoder.path, or --autoencoder: a jaxdiff
