@@ -73,7 +73,7 @@ def _group_normalize_fwd(x, scale, bias, groups, eps):
   mean = _per_channel(_group_means(x, groups), channels)
   centred = x - mean
   inv_std = _per_channel(jax.lax.rsqrt(_group_means(centred * centred, groups) + eps), channels)
-  return centred * (inv_std * scale) + bias, (x, mean, inv_std, scale)
+  return centred * (inv_std * scale) + bias, (centred, inv_std, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -83,9 +83,9 @@ def _group_normalize(x, scale, bias, groups, eps):
 
 def _group_normalize_bwd(groups, eps, residuals, dy):
   del eps
-  x, mean, inv_std, scale = residuals
-  channels = x.shape[2]
-  x_hat = (x - mean) * inv_std
+  centred, inv_std, scale = residuals
+  channels = centred.shape[2]
+  x_hat = centred * inv_std
   dx_hat = dy * scale
   mean_dx_hat = _per_channel(_group_means(dx_hat, groups), channels)
   mean_dx_hat_x_hat = _per_channel(_group_means(dx_hat * x_hat, groups), channels)
