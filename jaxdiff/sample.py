@@ -20,7 +20,9 @@ samples like its pipeline folder with the fine-tuned U-Net in it: --prompt/--pro
 the pipeline's text encoder, latents decoded by its VAE, its scheduler config's options.
 
 Sampler and guidance flags left unset sample a training run as its previews did (its
-config.sample: method, steps, spacing, eta, clipping, guidance scale, interval and rescale).
+config.sample: method, steps, spacing, eta, clipping, guidance scale, interval and rescale). A
+text-to-image run whose pipeline's scheduler config matches its schedule takes that scheduler's
+defaults instead (method, spacing, clipping; no guidance), as its pipeline folder would.
 
 A run trained with the flow or EDM objective (config.diffusion.objective) samples with that
 objective's samplers (see `jaxdiff.diffusion.methods_for`). A latent run (data.source=latents)

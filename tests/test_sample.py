@@ -263,7 +263,7 @@ def trained_workdir(tmp_path_factory):
   config.checkpoint.async_save = False
   config.sample.method, config.sample.num_steps = "dpmpp_2m", 20  # not the CLI's fallback
   config.sample.spacing = "trailing"
-  config.sample.guidance_scale, config.sample.guidance_interval = 1.5, (100, 900)
+  config.sample.guidance_scale, config.sample.guidance_interval = 1.5, (10, 90)  # T = 100
   config.lock()
   workdir = str(tmp_path_factory.mktemp("run"))
   loop.train(config, workdir, devices=jax.devices()[:1])
@@ -301,7 +301,7 @@ def test_cli_on_a_training_checkpoint_writes_png_gif_npz(trained_workdir, tmp_pa
 
 def test_unset_sampler_settings_come_from_the_runs_config(trained_workdir):
   """The run was configured with dpmpp_2m at 20 trailing steps, guided at 1.5 between
-  timesteps 100 and 900; leaving those flags unset must sample as its previews did, not with
+  timesteps 10 and 90; leaving those flags unset must sample as its previews did, not with
   the CLI's own fallback (ddim, 50, unguided)."""
   options = sample.SampleOptions(workdir=trained_workdir, num_samples=2, batch_size=2)
   _, _, resolved = sample.load_model(options)
@@ -310,13 +310,13 @@ def test_unset_sampler_settings_come_from_the_runs_config(trained_workdir):
   assert (resolved.sampler.method, resolved.sampler.num_steps) == ("dpmpp_2m", 20)
   assert resolved.sampler.spacing == "trailing" and resolved.sampler.eta == 0.0
   assert resolved.sampler.guidance_scale == 1.5 and resolved.sampler.guided
-  assert resolved.sampler.guidance_interval == (100, 900)
+  assert resolved.sampler.guidance_interval == (10, 90)
   given = sample.SampleOptions(workdir=trained_workdir, sampler=sampling.SamplerSettings(
-      method="ddim", num_steps=7, guidance_scale=1.0, guidance_interval=(0, 500)))
+      method="ddim", num_steps=7, guidance_scale=1.0, guidance_interval=(0, 50)))
   _, _, resolved = sample.load_model(given)
   assert (resolved.sampler.method, resolved.sampler.num_steps) == ("ddim", 7)
   assert resolved.sampler.guidance_scale == 1.0 and not resolved.sampler.guided
-  assert resolved.sampler.guidance_interval == (0, 500)
+  assert resolved.sampler.guidance_interval == (0, 50)
 
 
 @pytest.mark.parametrize("args,message", [
