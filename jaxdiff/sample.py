@@ -22,7 +22,8 @@ the pipeline's text encoder, latents decoded by its VAE, its scheduler config's 
 Sampler and guidance flags left unset sample a training run as its previews did (its
 config.sample: method, steps, spacing, eta, clipping, guidance scale, interval and rescale). A
 text-to-image run whose pipeline's scheduler config matches its schedule takes that scheduler's
-defaults instead (method, spacing, clipping; no guidance), as its pipeline folder would.
+method, spacing and clipping instead, as its pipeline folder would, and the run's steps, eta and
+guidance.
 
 A run trained with the flow or EDM objective (config.diffusion.objective) samples with that
 objective's samplers (see `jaxdiff.diffusion.methods_for`). A latent run (data.source=latents)
@@ -316,8 +317,9 @@ def with_pipeline(model: sampling.DiffusionModel, pipeline: str, options: Sample
 
   The VAE decodes the latents and the text encoder encodes the prompts. When the pipeline's
   scheduler config describes the run's own noise schedule and prediction, its options
-  (steps_offset, set_alpha_to_one, ...) and default method, spacing and clipping apply too, so
-  the run samples exactly as the pipeline folder does with the fine-tuned U-Net in it.
+  (steps_offset, set_alpha_to_one, ...) and default method, spacing and clipping replace the
+  run's, so the run samples as the pipeline folder does with the fine-tuned U-Net in it; the
+  run's other defaults (steps, eta, guidance) stay.
 
   Returns:
     (model, setting defaults), see `load_model`.
@@ -341,7 +343,7 @@ def with_pipeline(model: sampling.DiffusionModel, pipeline: str, options: Sample
               schedule.alphas_cumprod, model.schedule.alphas_cumprod, rtol=1e-6, atol=0))
   if not same:
     return model, defaults
-  return dataclasses.replace(model, scheduler_kwargs=kwargs), scheduler_defaults
+  return dataclasses.replace(model, scheduler_kwargs=kwargs), {**defaults, **scheduler_defaults}
 
 
 def load_checkpoint_model(options: SampleOptions

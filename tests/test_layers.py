@@ -13,7 +13,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 import flax.linen
 import jax
 
-from jaxdiff.models.layers import GroupNorm, attention, timestep_embedding
+from jaxdiff.models.layers import Dense, GroupNorm, attention, timestep_embedding
 
 # Integer and fractional timesteps, including 998.4, which a bfloat16 cast would turn into 1000.
 TIMESTEPS = np.array([0.0, 1.0, 0.5, 17.25, 499.0, 998.4, 999.0], np.float32)
@@ -171,3 +171,39 @@ def test_group_norm_keeps_flax_parameters_and_dtypes():
   np.testing.assert_allclose(np.asarray(half, np.float32), layer.apply(params, x), atol=0.05)
   with pytest.raises(ValueError, match="do not split into 3 groups"):
     GroupNorm(num_groups=3).init(jax.random.key(0), x)
+
+
+def test_token_dense_and_its_gradients_match_float64_numpy():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+  kernel = rng.normal(size=(8, 6)).astype(np.float32)
+  bias = rng.normal(size=6).astype(np.float32)
+  cotangent = rng.normal(size=(2, 5, 3, 6)).astype(np.float32)
+  layer = Dense(6)
+  params = {"params": {"kernel": kernel, "bias": bias}}
+  # The same parameter tree as flax's layer, so checkpoints and weight import carry over.
+  assert jax.tree.map(jnp.shape, layer.init(jax.random.key(0), x)) == jax.tree.map(
+      jnp.shape, flax.linen.Dense(6).init(jax.random.key(0), x))
+
+  loss = lambda p, x: jnp.sum(layer.apply(p, x) * cotangent)
+  with jax.default_matmul_precision("highest"):
+    out = layer.apply(params, x)
+    grad_params, grad_x = jax.grad(loss, argnums=(0, 1))(params, x)
+  x64, k64, c64 = x.astype(np.float64), kernel.astype(np.float64), cotangent.astype(np.float64)
+  np.testing.assert_allclose(out, x64 @ k64 + bias, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(grad_x, c64 @ k64.T, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(grad_params["params"]["kernel"],
+                             np.einsum("abci,abco->io", x64, c64), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(grad_params["params"]["bias"], c64.sum((0, 1, 2)), rtol=0, atol=1e-5)
+
+
+def test_token_dense_weight_gradient_needs_no_transposed_copy():
+  """The reason for the layer: on [B, T, D] tokens, flax's Dense makes XLA:CPU copy the output
+  gradient into a transposed layout for the weight gradient; on flattened tokens it does not."""
+  x = jnp.ones((4, 16, 8))
+  layer = Dense(32)
+  params = layer.init(jax.random.key(0), x)
+  loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply(p, x)) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+  instructions = [line for line in hlo.splitlines() if " = " in line]
+  assert not [line for line in instructions if " copy(" in line or " transpose(" in line]

@@ -383,3 +383,30 @@ def test_latent_run_samples_are_decoded_like_diffusers_decodes_them(tmp_path):
   with pytest.raises(sample.SampleInputError, match="--autoencoder is for latent"):
     sample.run(dataclasses.replace(options, workdir=None, diffusers=vae_folder,
                                    autoencoder=vae_folder))
+
+
+def test_a_text_run_takes_its_pipelines_scheduler_and_keeps_its_own_steps_and_guidance(tmp_path):
+  """`with_pipeline` for a run fine-tuned from a pipeline whose DPM-Solver++ scheduler config
+  matches the run's schedule: the scheduler's method, spacing, clipping and steps_offset replace
+  the run's; the run's steps, eta and guidance stay. A run on another schedule keeps all its own."""
+  folder = str(tmp_path / "sd")
+  tiny_pipelines.save_sd_pipeline(folder)
+  options = sample.SampleOptions(diffusers=folder, prompt="a photo of the cat")
+  pipeline_model, _ = sample.load_pipeline_model(options)
+  run_model = dataclasses.replace(pipeline_model, scheduler_kwargs={}, decoder=None, text=None)
+  run_defaults = {"method": "ddim", "num_steps": 17, "spacing": "trailing", "eta": 0.3,
+                  "clip_denoised": True, "guidance_scale": 4.0, "guidance_interval": (100, 900),
+                  "guidance_rescale": 0.5}
+  run_options = sample.SampleOptions(workdir=str(tmp_path / "run"), prompt="a photo of the cat")
+
+  model, defaults = sample.with_pipeline(run_model, folder, run_options, dict(run_defaults))
+  # DPMSolverMultistepScheduler's defaults: 2nd-order multistep DPM-Solver++, linspace timesteps,
+  # no clipping; the pipeline sets steps_offset=1.
+  assert defaults == {**run_defaults, "method": "dpmpp_2m", "spacing": "linspace",
+                      "clip_denoised": False}
+  assert model.scheduler_kwargs["steps_offset"] == 1
+  assert model.decoder is not None and model.text is not None
+
+  other = dataclasses.replace(run_model, schedule=diffusion.make_schedule("linear", 1000))
+  model, defaults = sample.with_pipeline(other, folder, run_options, dict(run_defaults))
+  assert defaults == run_defaults and not model.scheduler_kwargs

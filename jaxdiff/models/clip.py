@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdiff.models.layers import Dense
 from jaxdiff.models.transformer import Attention, layer_norm
 
 # transformers' ACT2FN names -> functions.
@@ -65,8 +66,8 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
     """x: [B, L, D], mask: [B, L] bool (False = padding) or None -> [B, L, D]."""
     norm = lambda name: layer_norm(self.norm_eps, self.dtype, self.param_dtype, name)
-    dense = lambda features, name: nn.Dense(features, dtype=self.dtype,
-                                            param_dtype=self.param_dtype, name=name)
+    dense = lambda features, name: Dense(features, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name=name)
     x = x + Attention(self.num_heads, qkv_bias=True, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="attn")(
                           norm("norm_1")(x), mask=mask, is_causal=True)

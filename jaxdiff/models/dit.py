@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models.layers import Dense
 from jaxdiff.models.layers import attention
 from jaxdiff.models.layers import timestep_embedding
 
@@ -163,7 +164,7 @@ class Attention(nn.Module):
     """x: [B, T, D]; context: [B, S, D] or None -> [B, T, D] in dtype."""
     width, heads = self.hidden_size, self.num_heads
     dense = functools.partial(
-        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_xavier,
+        Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_xavier,
         bias_init=_zeros)
     if context is None:
       # Layout (q|k|v, head, channel) as in timm/DiT, so fused checkpoints map directly.
@@ -192,7 +193,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """x: [B, T, D] -> [B, T, D] in dtype."""
     dense = functools.partial(
-        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_xavier,
+        Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_xavier,
         bias_init=_zeros)
     x = dense(int(self.hidden_size * self.mlp_ratio), name="dense_in")(x)
     return dense(self.hidden_size, name="dense_out")(nn.gelu(x, approximate=True))
@@ -259,7 +260,7 @@ class FinalLayer(nn.Module):
     """x: [B, T, D]; cond: [B, D] for the adaLN variants, else None -> [B, T, out_features]."""
     zero = self.conditioning == "adaln_zero"
     dense = functools.partial(
-        nn.Dense, dtype=jnp.float32, param_dtype=self.param_dtype,
+        Dense, dtype=jnp.float32, param_dtype=self.param_dtype,
         kernel_init=_zeros if zero else _xavier, bias_init=_zeros)
     if self.conditioning in ("adaln_zero", "adaln"):
       shift, scale = jnp.split(dense(2 * self.hidden_size, name="modulation")(nn.silu(cond)), 2, -1)

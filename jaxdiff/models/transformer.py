@@ -21,13 +21,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import attention, group_norm
+from jaxdiff.models.layers import Dense, attention, group_norm
 
 
 def _dense(features: int, dtype: Any, param_dtype: Any, name: str, *, use_bias: bool = True,
-           zero: bool = False) -> nn.Dense:
+           zero: bool = False) -> Dense:
   init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=init, name=name)
 
 

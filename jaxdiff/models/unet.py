@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.layers import Dense
 from jaxdiff.models.layers import KERNEL_INIT
 from jaxdiff.models.layers import attention
 from jaxdiff.models.layers import conv
@@ -92,8 +93,8 @@ class SelfAttention(nn.Module):
     h = einops.rearrange(h, "b h w c -> b (h w) c")
 
     def dense(name, zero=False):
-      return nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=kernel_init(zero), name=name)
+      return Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=kernel_init(zero), name=name)
 
     q, k, v = (einops.rearrange(dense(name)(h), "b l (heads d) -> b l heads d", heads=heads)
                for name in ("query", "key", "value"))
