@@ -7,6 +7,12 @@ overhead is `sampler time / forward-pass time - 1`. With --torch, the same archi
 by diffusers' DDIMScheduler / DPMSolverMultistepScheduler (eager loop), and its bare forwards; each
 jaxdiff call and its diffusers counterpart are timed side by side, in alternating rounds.
 
+Each record also gives both sides' achieved GFLOP/s (the model's matmul and convolution FLOPs per
+forward times the sampler's forwards, over the sampler's time) and the `ceiling`: the highest
+jax/torch ratio this machine's best measured matmul (XLA's or PyTorch's [2048, 2048] float32
+matmul, measured at the start of the run) allows against diffusers' achieved rate
+(`common.speedup_ceiling`).
+
   python experiments/bench_sample.py --models=dit-s/2 --batch_sizes=4,16 \
       --out=experiments/results/sample_dit-s2_cpu.json
 
@@ -43,7 +49,9 @@ COLUMNS = [("model", "model", ""), ("sampler", "sampler", ""), ("batch", "batch"
            ("compile_s", "compile (s)", ".1f"), ("sample_s", "sample (s)", ".2f"),
            ("images_per_s", "img/s", ".2f"), ("overhead", "overhead vs fwd", ".1%"),
            ("torch_images_per_s", "torch img/s", ".2f"),
-           ("torch_overhead", "torch overhead", ".1%"), ("speedup", "jax/torch", ".2f")]
+           ("torch_overhead", "torch overhead", ".1%"), ("speedup", "jax/torch", ".2f"),
+           ("gflops_per_s", "GFLOP/s", ".0f"), ("torch_gflops_per_s", "torch GFLOP/s", ".0f"),
+           ("ceiling", "ceiling", ".2f")]
 
 
 def _settings() -> tuple[list[int], int, int]:
@@ -129,9 +137,9 @@ def torch_calls(model_name: str, method: str, num_steps: int, batch: int) -> dic
 
 
 def bench(model_name: str, method: str, num_steps: int, batch: int, warmup: int,
-          iters: int) -> dict:
+          iters: int, peak_flops_per_s: float) -> dict:
   """One record: jaxdiff's sampler and bare forwards, and diffusers' with --torch, each pair
-  timed side by side in alternating rounds."""
+  timed side by side in alternating rounds; `peak_flops_per_s` is the machine's best matmul."""
   record, calls = jax_calls(model_name, method, num_steps, batch)
   if FLAGS.torch:
     calls.update(torch_calls(model_name, method, num_steps, batch))
@@ -145,11 +153,16 @@ def bench(model_name: str, method: str, num_steps: int, batch: int, warmup: int,
   record["images_per_s"] = batch / record["sample_s"]
   record["forwards_s"] *= scale
   record["overhead"] = record["sample_s"] / record["forwards_s"] - 1
+  gflops_per_call = record["gflops_per_image_per_eval"] * evaluations * batch
+  record["gflops_per_s"] = gflops_per_call / record["sample_s"]
   if FLAGS.torch:
     record["torch_forwards_s"] *= scale
     record["torch_images_per_s"] = batch / record["torch_sample_s"]
     record["torch_overhead"] = record["torch_sample_s"] / record["torch_forwards_s"] - 1
     record["speedup"] = record["images_per_s"] / record["torch_images_per_s"]
+    record["torch_gflops_per_s"] = gflops_per_call / record["torch_sample_s"]
+    record["ceiling"] = common.speedup_ceiling(record["torch_gflops_per_s"] * 1e9,
+                                               peak_flops_per_s)
   return record
 
 
@@ -159,19 +172,25 @@ def main(argv):
   info = common.machine_info()
   if FLAGS.torch:
     info["torch_threads"] = common.set_torch_threads()
+  peak = common.measured_peak_flops(getattr(jnp, FLAGS.dtype))
+  torch_peak = common.measured_torch_peak_flops(FLAGS.dtype) if FLAGS.torch else None
+  best_peak = common.best_peak_flops(peak, torch_peak)
   print(f"{info['device_count']} x {info['device_kind']} ({info['platform']}), "
-        f"load {info['loadavg_start']}")
+        f"load {info['loadavg_start']}; peak matmul GFLOP/s: XLA "
+        f"{peak['peak_flops_per_s'] / 1e9:.0f}"
+        + (f", PyTorch {torch_peak['peak_flops_per_s'] / 1e9:.0f}" if torch_peak else ""))
   records = []
   for model_name in FLAGS.models:
     for sampler in FLAGS.samplers:
       method, num_steps = sampler.split(":")
       for batch in batches:
-        record = bench(model_name, method, int(num_steps), batch, warmup, iters)
+        record = bench(model_name, method, int(num_steps), batch, warmup, iters, best_peak)
         record["loadavg"] = os.getloadavg()
         records.append(record)
         print(common.format_table([record], COLUMNS).splitlines()[-1], flush=True)
         common.write_json(FLAGS.out, {  # after every record: a long run keeps what it measured
-            "benchmark": "sampling", "machine": info,
+            "benchmark": "sampling", "machine": info, "peak_matmul": {FLAGS.dtype: peak},
+            "torch_peak_matmul": {FLAGS.dtype: torch_peak} if torch_peak else {},
             "settings": {"batch_sizes": batches, "iters": iters, "warmup": warmup,
                          "dtype": FLAGS.dtype, "samplers": FLAGS.samplers},
             "records": records})

@@ -50,7 +50,8 @@ COLUMNS = [("model", "model", ""), ("dtype", "dtype", ""), ("variant", "step", "
            ("step_s", "step (s)", ".3f"), ("images_per_s", "img/s", ".2f"),
            ("gflops_per_image", "GFLOP/img", ".1f"), ("mfu", "MFU", ".1%"),
            ("step_mib", "step mem (MiB)", ".0f"), ("torch_images_per_s", "torch img/s", ".2f"),
-           ("speedup", "jax/torch", ".2f")]
+           ("speedup", "jax/torch", ".2f"), ("torch_gflops_per_s", "torch GFLOP/s", ".0f"),
+           ("ceiling", "ceiling", ".2f")]
 
 
 def _defaults() -> tuple[int, int]:
@@ -121,12 +122,17 @@ def main(argv):
   if FLAGS.torch:
     info["torch_threads"] = common.set_torch_threads()
   peak = {d: common.measured_peak_flops(getattr(jnp, d)) for d in FLAGS.dtypes}
+  torch_peak = ({d: common.measured_torch_peak_flops(d) for d in FLAGS.dtypes}
+                if FLAGS.torch else {})
   print(f"{info['device_count']} x {info['device_kind']} ({info['platform']}), "
         f"load {info['loadavg_start']}; peak matmul TFLOP/s: "
-        + ", ".join(f"{d} {p['peak_flops_per_s'] / 1e12:.3f}" for d, p in peak.items()))
+        + ", ".join(f"{d} {p['peak_flops_per_s'] / 1e12:.3f}" for d, p in peak.items())
+        + "".join(f"; PyTorch {d} {p['peak_flops_per_s'] / 1e12:.3f}"
+                  for d, p in torch_peak.items()))
   records, scan_records = [], []
   save = lambda: common.write_json(FLAGS.out, {
       "benchmark": "train_step", "machine": info, "peak_matmul": peak,
+      "torch_peak_matmul": torch_peak,
       "settings": {"batch_size": batch, "iters": iters, "warmup": FLAGS.warmup,
                    "channels": FLAGS.channels},
       "records": records, "scan_compile": scan_records})
@@ -143,6 +149,10 @@ def main(argv):
           torch_rate = record["torch_images_per_s"]
         if FLAGS.torch and FLAGS.channels == 3:
           record["speedup"] = record["images_per_s"] / torch_rate
+          record["torch_gflops_per_s"] = torch_rate * record["gflops_per_image"]
+          record["ceiling"] = common.speedup_ceiling(
+              record["torch_gflops_per_s"] * 1e9,
+              common.best_peak_flops(peak[dtype], torch_peak.get(dtype)))
         record["loadavg"] = os.getloadavg()
         records.append(record)
         print(common.format_table([record], COLUMNS).splitlines()[-1], flush=True)

@@ -8,7 +8,10 @@ Every benchmark in `experiments/` measures in the same way:
   a `while` loop (every `lax.scan`) once, not once per iteration, so `jaxpr_flops` also counts the
   matmul and convolution FLOPs of the jaxpr, multiplying scan bodies by their length; when a loop
   body runs more than once, the jaxpr count is the one used (`model_flops`);
-- peak FLOP/s: the best of a few large matmuls in the same process (`measured_peak_flops`);
+- peak FLOP/s: the best of a few large matmuls in the same process, in XLA
+  (`measured_peak_flops`) and in PyTorch (`measured_torch_peak_flops`); the better of the two is
+  this machine's measured matmul peak, and `speedup_ceiling` turns it into the highest
+  side-by-side ratio that peak allows;
 - memory: `device.memory_stats()["peak_bytes_in_use"]` where the backend has it (GPU, TPU), else
   the XLA buffer sizes of the compiled program and the process's peak resident set size;
 - side by side: jaxdiff and its PyTorch reference are timed in alternating rounds
@@ -293,6 +296,47 @@ def measured_peak_flops(dtype: Any, *, size: int | None = None, repeats: int = 5
   return {"dtype": jnp.dtype(dtype).name, "n": n, "matmuls_per_call": chain,
           "peak_flops_per_s": flops / timing["min_s"],
           "median_flops_per_s": flops / timing["median_s"]}
+
+
+def measured_torch_peak_flops(dtype: str, *, size: int | None = None, repeats: int = 5) -> dict:
+  """PyTorch's peak FLOP/s here: the best of `repeats` [n, n] @ [n, n] `torch.mm` calls.
+
+  The reference side's counterpart of `measured_peak_flops` (oneDNN or MKL on CPU, cuBLAS on a
+  GPU), with the same n and the same kind of record.
+
+  Args:
+    dtype: "float32" or "bfloat16".
+    size: n; defaults to 2048 on CPU and 8192 on a GPU.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  n = size or (8192 if device == "cuda" else 2048)
+  generator = torch.Generator().manual_seed(0)
+  a = torch.randn(n, n, generator=generator).to(device, getattr(torch, dtype))
+  b = (torch.randn(n, n, generator=generator) / math.sqrt(n)).to(device, getattr(torch, dtype))
+  with torch.inference_mode():
+    timing = torch_time_calls(lambda: torch.mm(a, b), warmup=1, iters=repeats)
+  flops = 2.0 * n ** 3
+  return {"dtype": dtype, "n": n, "matmuls_per_call": 1,
+          "peak_flops_per_s": flops / timing["min_s"],
+          "median_flops_per_s": flops / timing["median_s"]}
+
+
+def best_peak_flops(*peaks: dict | None) -> float:
+  """The machine's measured matmul peak: the best `peak_flops_per_s` of the given records."""
+  return max(p["peak_flops_per_s"] for p in peaks if p is not None)
+
+
+def speedup_ceiling(reference_flops_per_s: float, peak_flops_per_s: float) -> float:
+  """The highest jax/reference ratio this machine allows for a compute-bound program.
+
+  A program whose model FLOPs are all matmuls and convolutions cannot run them faster than the
+  machine's best matmul, even if every other op were free. So against a reference that achieves
+  `reference_flops_per_s` on the same FLOPs, jaxdiff's side-by-side ratio is at most
+  `peak_flops_per_s / reference_flops_per_s`. A target above this ceiling cannot be met on this
+  machine by any implementation of the same arithmetic.
+  """
+  return peak_flops_per_s / reference_flops_per_s
 
 
 def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_s: float) -> float:

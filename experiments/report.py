@@ -25,6 +25,7 @@ TRAIN_COLUMNS = [
     ("achieved_gflops", "GFLOP/s", ".1f"), ("peak_gflops", "matmul peak GFLOP/s", ".1f"),
     ("mfu", "MFU", ".0%"), ("step_gib", "XLA step mem (GiB)", ".2f"),
     ("torch_images_per_s", "torch img/s", ".3f"), ("speedup", "jax/torch", ".2f"),
+    ("torch_gflops_per_s", "torch GFLOP/s", ".0f"), ("ceiling", "ceiling", ".2f"),
     ("load", "load avg (1 min)", ".1f"), ("other_cpu", "others' cores", ".2f")]
 SAMPLE_COLUMNS = [
     ("model", "model", ""), ("sampler", "sampler", ""), ("batch", "batch", "d"),
@@ -32,6 +33,8 @@ SAMPLE_COLUMNS = [
     ("images_per_s", "jax img/s", ".4f"), ("overhead", "jax overhead", ".1%"),
     ("torch_sample_s", "torch (s)", ".1f"), ("torch_images_per_s", "torch img/s", ".4f"),
     ("torch_overhead", "torch overhead", ".1%"), ("speedup", "jax/torch", ".2f"),
+    ("gflops_per_s", "jax GFLOP/s", ".0f"), ("torch_gflops_per_s", "torch GFLOP/s", ".0f"),
+    ("ceiling", "ceiling", ".2f"),
     ("load", "load avg (1 min)", ".1f"), ("other_cpu", "others' cores", ".2f")]
 
 

@@ -53,6 +53,29 @@ def test_mfu_arithmetic():
   assert common.mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)
 
 
+def test_speedup_ceiling_is_the_ratio_at_the_best_matmul():
+  # diffusers runs 1e12 FLOPs in 10 s (100 GFLOP/s); at the machine's best matmul (250 GFLOP/s,
+  # PyTorch's here) the same FLOPs take 4 s, so no implementation exceeds 10 / 4 = 2.5x.
+  peak = common.best_peak_flops({"peak_flops_per_s": 2.0e11}, None, {"peak_flops_per_s": 2.5e11})
+  assert peak == 2.5e11
+  assert common.speedup_ceiling(1e12 / 10.0, peak) == pytest.approx(10.0 / (1e12 / peak))
+  assert common.speedup_ceiling(1e11, peak) == pytest.approx(2.5)
+
+
+def test_torch_peak_is_two_n_cubed_over_the_fastest_matmul(monkeypatch):
+  import torch  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fake_time_calls(call, *, warmup, iters):
+    calls.append(call())  # the timed call: one [n, n] @ [n, n] product
+    return {"min_s": 0.5, "median_s": 1.0}
+  monkeypatch.setattr(common, "torch_time_calls", fake_time_calls)
+  peak = common.measured_torch_peak_flops("float32", size=64, repeats=3)
+  assert calls[0].shape == (64, 64) and calls[0].dtype == torch.float32
+  assert peak["peak_flops_per_s"] == pytest.approx(2 * 64 ** 3 / 0.5)
+  assert peak["median_flops_per_s"] == pytest.approx(2 * 64 ** 3 / 1.0)
+
+
 def test_time_calls_and_table():
   timing = common.time_calls(lambda: jnp.ones(3) * 2, warmup=1, iters=3)
   assert timing["iters"] == 3 and timing["min_s"] <= timing["median_s"] <= timing["max_s"]
