@@ -7,7 +7,8 @@ Every benchmark in `experiments/` measures in the same way:
 - model FLOPs: XLA's `compiled.cost_analysis()["flops"]`. XLA's cost analysis counts the body of
   a `while` loop (every `lax.scan`) once, not once per iteration, so `jaxpr_flops` also counts the
   matmul and convolution FLOPs of the jaxpr, multiplying scan bodies by their length; when a loop
-  body runs more than once, the jaxpr count is the one used (`model_flops`);
+  body runs more than once, the jaxpr count is the one used (`model_flops`). Both leave out a
+  convolution's taps on padding, which multiply zeros;
 - peak FLOP/s: the best of a few large matmuls in the same process, in XLA
   (`measured_peak_flops`) and in PyTorch (`measured_torch_peak_flops`); the better of the two is
   this machine's measured matmul peak, and `speedup_ceiling` turns it into the highest
@@ -216,17 +217,40 @@ def _sub_jaxprs(value) -> list:
   return []
 
 
+def _window_taps_on_input(in_size: int, out_size: int, window: int, stride: int, pad_low: int,
+                          lhs_dilation: int, rhs_dilation: int) -> int:
+  """How many (output position, window tap) pairs of one spatial axis read a real input element.
+
+  Taps that fall on padding, or between the elements of an lhs-dilated (transposed) input,
+  multiply zeros and are not counted; XLA's cost analysis does not count them either.
+  """
+  dilated_in = (in_size - 1) * lhs_dilation + 1
+  return sum(1 for o in range(out_size) for k in range(window)
+             if 0 <= (q := o * stride + k * rhs_dilation - pad_low) < dilated_in
+             and q % lhs_dilation == 0)
+
+
 def _equation_flops(eqn) -> float:
-  """Matmul / convolution FLOPs of one equation (2 per multiply-add)."""
-  out_size = math.prod(eqn.outvars[0].aval.shape)
+  """Matmul / convolution FLOPs of one equation (2 per multiply-add on real input elements)."""
+  out_shape = eqn.outvars[0].aval.shape
+  out_size = math.prod(out_shape)
   if eqn.primitive.name == "dot_general":
     (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
     lhs_shape = eqn.invars[0].aval.shape
     return 2.0 * out_size * math.prod(lhs_shape[d] for d in lhs_contracting)
-  # conv_general_dilated: each output element is a dot over rhs.size / out_features weights.
-  rhs_shape = eqn.invars[1].aval.shape
-  out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-  return 2.0 * out_size * math.prod(rhs_shape) / rhs_shape[out_feature_dim]
+  # conv_general_dilated: each output element is a dot over rhs.size / out_features weights,
+  # less the taps that land on padding (per spatial axis).
+  params, lhs_shape, rhs_shape = eqn.params, eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  numbers = params["dimension_numbers"]
+  full = 2.0 * out_size * math.prod(rhs_shape) / rhs_shape[numbers.rhs_spec[0]]
+  for axis, (lhs_dim, rhs_dim, out_dim) in enumerate(
+      zip(numbers.lhs_spec[2:], numbers.rhs_spec[2:], numbers.out_spec[2:])):
+    window, out_len = rhs_shape[rhs_dim], out_shape[out_dim]
+    taps = _window_taps_on_input(
+        lhs_shape[lhs_dim], out_len, window, params["window_strides"][axis],
+        params["padding"][axis][0], params["lhs_dilation"][axis], params["rhs_dilation"][axis])
+    full *= taps / (out_len * window)
+  return full
 
 
 def _count_jaxpr(jaxpr) -> float:

@@ -20,9 +20,24 @@ def test_jaxpr_flops_of_dense_and_conv_match_hand_count():
   x = jnp.ones((2, 8, 8, 4))
   params = model.init(jax.random.key(0), x)
   flops = common.jaxpr_flops(lambda p: model.apply(p, x), params)
-  conv = 2 * (2 * 8 * 8 * 16) * (3 * 3 * 4)  # 2 * output elements * taps per output
+  # SAME padding: along each axis 8 outputs x 3 taps, less the 2 taps that read padding.
+  conv = 2 * (2 * 16 * 4) * (8 * 3 - 2) ** 2  # 2 * batch * out * in features * taps on input
   dense = 2 * (2 * 8 * 8 * 32) * 16
   assert flops == conv + dense
+
+
+@pytest.mark.parametrize("size,window,stride,padding,lhs_dilation,rhs_dilation", [
+    (9, 3, 2, "SAME", 1, 1), (8, 3, 1, ((2, 1), (0, 2)), 2, 1), (7, 3, 1, "VALID", 1, 2),
+    (16, 5, 2, ((1, 3), (2, 2)), 1, 1)])
+def test_convolution_flops_leave_out_padding_as_xla_does(size, window, stride, padding,
+                                                         lhs_dilation, rhs_dilation):
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), padding, lhs_dilation=(lhs_dilation,) * 2,
+        rhs_dilation=(rhs_dilation,) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x, w = jnp.ones((2, size, size, 4)), jnp.ones((window, window, 4, 6))
+  compiled, _ = common.compile_timed(conv, x, w)
+  assert common.jaxpr_flops(conv, x, w) == common.xla_flops(compiled)
 
 
 def test_scan_body_is_counted_once_per_iteration():
