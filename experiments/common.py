@@ -316,8 +316,13 @@ def measured_peak_flops(dtype: Any, *, size: int | None = None, repeats: int = 5
   b = jax.random.normal(key_b, (n, n), dtype) / math.sqrt(n)
   compiled, _ = compile_timed(matmuls, a, b)
   timing = time_calls(lambda: compiled(a, b), warmup=1, iters=repeats)
-  flops = 2.0 * n ** 3 * chain
-  return {"dtype": jnp.dtype(dtype).name, "n": n, "matmuls_per_call": chain,
+  return _peak_record(jnp.dtype(dtype).name, n, chain, timing)
+
+
+def _peak_record(dtype: str, n: int, matmuls_per_call: int, timing: dict) -> dict:
+  """The peak and median FLOP/s of calls of `matmuls_per_call` [n, n] matmuls, from `timing`."""
+  flops = 2.0 * n ** 3 * matmuls_per_call
+  return {"dtype": dtype, "n": n, "matmuls_per_call": matmuls_per_call,
           "peak_flops_per_s": flops / timing["min_s"],
           "median_flops_per_s": flops / timing["median_s"]}
 
@@ -340,10 +345,7 @@ def measured_torch_peak_flops(dtype: str, *, size: int | None = None, repeats: i
   b = (torch.randn(n, n, generator=generator) / math.sqrt(n)).to(device, getattr(torch, dtype))
   with torch.inference_mode():
     timing = torch_time_calls(lambda: torch.mm(a, b), warmup=1, iters=repeats)
-  flops = 2.0 * n ** 3
-  return {"dtype": dtype, "n": n, "matmuls_per_call": 1,
-          "peak_flops_per_s": flops / timing["min_s"],
-          "median_flops_per_s": flops / timing["median_s"]}
+  return _peak_record(dtype, n, 1, timing)
 
 
 def best_peak_flops(*peaks: dict | None) -> float:
