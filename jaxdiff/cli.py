@@ -7,8 +7,8 @@
 - `python -m jaxdiff.train` stopped by SIGTERM saves a checkpoint first and exits with 143.
 - On a CPU-only glibc host, every command keeps freed memory in the process
   (`keep_host_memory`); `JAXDIFF_HOST_MALLOC=system` opts out.
-- Every command compiles convolutions with XLA:CPU's own kernels rather than YNNPACK's
-  (`use_xla_cpu_convolutions`), unless XLA_FLAGS already chooses.
+- Every command compiles convolutions with XLA:CPU's own kernels rather than YNNPACK's and, on
+  x86-64, matmuls with oneDNN (`choose_xla_cpu_kernels`), unless XLA_FLAGS already chooses.
 
 The options of sample and evaluate are a frozen dataclass whose fields carry their help text:
 `define_flags` derives the absl flags from it and `options_from_flags` turns the parsed flags back
@@ -33,10 +33,14 @@ EXIT_ERROR = 2
 EXIT_PREEMPTED = 143
 
 
-# XLA:CPU's YNNPACK fusion kinds (DebugOptions.LibraryFusionType). "-" removes one from the
+# XLA:CPU's library fusion kinds (DebugOptions.LibraryFusionType). "-" removes one from YNNPACK's
 # default set (reduce, individual dot, individual convolution).
 _YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-_NO_YNN_CONVOLUTIONS = f"--{_YNN_FUSION_FLAG}=-individual_convolution"
+_ONEDNN_FLAGS = ("xla_cpu_use_onednn", "xla_cpu_experimental_onednn_fusion_type")
+_XLA_CPU_CONVOLUTIONS = (f"--{_YNN_FUSION_FLAG}=-individual_convolution",)
+_ONEDNN_DOTS = (f"--{_YNN_FUSION_FLAG}=-individual_convolution,-individual_dot",
+                "--xla_cpu_use_onednn=true",
+                "--xla_cpu_experimental_onednn_fusion_type=individual_dot")
 
 # glibc mallopt(3) parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -82,9 +86,9 @@ def parse_flags(argv: list[str], validate: Callable[[], Any] | None = None) -> l
 
 def prepare_process() -> bool:
   """The process settings of every command, applied before JAX starts: `keep_host_memory` and
-  `use_xla_cpu_convolutions`. Returns whether host memory is kept."""
+  `choose_xla_cpu_kernels`. Returns whether host memory is kept."""
   kept = keep_host_memory()
-  use_xla_cpu_convolutions()
+  choose_xla_cpu_kernels()
   return kept
 
 
@@ -112,23 +116,36 @@ def keep_host_memory() -> bool:
   return all([libc.mallopt(parameter, value) == 1 for parameter, value in settings])
 
 
-def use_xla_cpu_convolutions() -> bool:
-  """Makes XLA:CPU compile convolutions with its own (Eigen) kernels instead of YNNPACK's.
+def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
+  """Chooses the libraries XLA:CPU compiles convolutions and matmuls with.
 
-  jax 0.10's XLA:CPU hands every convolution to YNNPACK by default. On a 2-core Xeon, side by
-  side in one process, the DDPM CIFAR-10 U-Net ran 1.16x faster forward (batch 4) and 1.57x
-  faster forward and backward (batch 16) with XLA's own; a lone 3x3 convolution reached
-  PyTorch's oneDNN (experiments/README.md, finding 9). YNNPACK keeps the dots and reductions.
-  Only CPU compilations read this flag.
+  jax 0.10's XLA:CPU hands every convolution and every matmul to YNNPACK by default. On a 2-core
+  Xeon, measured side by side in one process (experiments/README.md, findings 9 and 12):
+  - convolutions with XLA's own (Eigen) kernels ran the DDPM CIFAR-10 U-Net 1.16x faster forward
+    (batch 4) and 1.57x faster forward and backward (batch 16);
+  - matmuls with oneDNN (the library PyTorch uses on CPU; linked into jaxlib, off by default),
+    batched ones included, ran the DiT-S/2 train step at batch 16 about 1.15x faster (median of
+    the paired ratios 0.87) with bitwise the same loss, and left the U-Net's step as it was.
+  YNNPACK keeps the reductions.
 
-  Appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS unless
-  XLA_FLAGS already sets that field. XLA reads XLA_FLAGS once, when JAX's backend starts, so
-  this must run before the first computation. Returns whether it appended the flag.
+  Appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` and, on x86-64 (where
+  jaxlib is built with oneDNN), `-individual_dot` with `--xla_cpu_use_onednn=true
+  --xla_cpu_experimental_onednn_fusion_type=individual_dot`, to XLA_FLAGS, unless XLA_FLAGS
+  already sets one of those fields. XLA reads XLA_FLAGS once, when JAX's backend starts, so this
+  must run before the first computation. Only CPU compilations read these flags.
+
+  Args:
+    machine: the processor architecture; None reads it from `platform.machine()`.
+
+  Returns:
+    Whether it appended the flags.
   """
   current = os.environ.get("XLA_FLAGS", "")
-  if _YNN_FUSION_FLAG in current:
+  if any(field in current for field in (_YNN_FUSION_FLAG, *_ONEDNN_FLAGS)):
     return False
-  os.environ["XLA_FLAGS"] = f"{current} {_NO_YNN_CONVOLUTIONS}".strip()
+  machine = platform.machine() if machine is None else machine
+  chosen = _ONEDNN_DOTS if machine.lower() in ("x86_64", "amd64") else _XLA_CPU_CONVOLUTIONS
+  os.environ["XLA_FLAGS"] = " ".join([current, *chosen]).strip()
   return True
 
 

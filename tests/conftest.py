@@ -1,5 +1,5 @@
 """Test setup: 4 simulated CPU devices, the commands' XLA:CPU convolution setting
-(`jaxdiff.cli.use_xla_cpu_convolutions`) and full float32 matmul precision for every test.
+(`jaxdiff.cli.choose_xla_cpu_kernels`) and full float32 matmul precision for every test.
 
 XLA_FLAGS must be set before JAX initialises its backends, so this runs at import time.
 Single-device checks build their mesh from `jax.devices()[:1]`.
@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from jaxdiff import cli  # noqa: E402
 
-cli.use_xla_cpu_convolutions()
+cli.choose_xla_cpu_kernels()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import platform
+import re
 import subprocess
 import sys
 
@@ -122,28 +124,46 @@ def test_keep_host_memory_only_when_jax_runs_on_cpu(monkeypatch):
   assert not cli.keep_host_memory()
 
 
-def test_use_xla_cpu_convolutions_appends_its_flag_once_and_keeps_a_users_choice(monkeypatch):
+@pytest.mark.parametrize("machine, appended", [
+    ("x86_64", ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot",
+                "--xla_cpu_use_onednn=true",
+                "--xla_cpu_experimental_onednn_fusion_type=individual_dot"]),
+    ("aarch64", ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"])])
+def test_choose_xla_cpu_kernels_appends_its_flags_once_and_keeps_a_users_choice(
+    monkeypatch, machine, appended):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  assert cli.use_xla_cpu_convolutions()
-  assert os.environ["XLA_FLAGS"].split() == [
-      "--xla_force_host_platform_device_count=2",
-      "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
-  assert not cli.use_xla_cpu_convolutions()  # already there: unchanged
-  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-  assert not cli.use_xla_cpu_convolutions()
-  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+  assert cli.choose_xla_cpu_kernels(machine)
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                             *appended]
+  assert not cli.choose_xla_cpu_kernels(machine)  # already there: unchanged
+  for users_choice in ("--xla_cpu_experimental_ynn_fusion_type=",
+                       "--xla_cpu_use_onednn=false",
+                       "--xla_cpu_experimental_onednn_fusion_type=dot"):
+    monkeypatch.setenv("XLA_FLAGS", users_choice)
+    assert not cli.choose_xla_cpu_kernels(machine)
+    assert os.environ["XLA_FLAGS"] == users_choice
 
 
-def test_convolutions_compile_without_ynnpack_and_dots_with_it():
-  # conftest applies the commands' setting to this process: XLA:CPU's own convolution, while a
-  # matmul stays a YNNPACK fusion (the default for both without the flag).
+def _fusions(hlo: str) -> set[str]:
+  return set(re.findall(r'"(__(?:ynn|onednn)_fusion)"', hlo))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="oneDNN dots are chosen on x86-64 only")
+def test_convolutions_compile_with_xla_matmuls_with_onednn_and_reductions_with_ynnpack():
+  # conftest applies the commands' setting to this process; without it (the default), all three
+  # would be YNNPACK fusions.
   conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
   matmul = jax.jit(lambda a, b: a @ b)
+  batched = jax.jit(lambda a, b: jnp.einsum("bts,bsd->btd", a, b))
+  reduce = jax.jit(lambda a: jnp.sum(a, axis=0))
   conv_hlo = conv.lower(jnp.ones((4, 32, 32, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
-  matmul_hlo = matmul.lower(jnp.ones((256, 256)), jnp.ones((256, 256))).compile().as_text()
-  assert "convolution(" in conv_hlo and "__ynn_fusion" not in conv_hlo
-  assert "__ynn_fusion" in matmul_hlo
+  assert "convolution(" in conv_hlo and not _fusions(conv_hlo)
+  for fn, args in ((matmul, (jnp.ones((256, 256)), jnp.ones((256, 256)))),
+                   (batched, (jnp.ones((8, 64, 32)), jnp.ones((8, 32, 16))))):
+    assert _fusions(fn.lower(*args).compile().as_text()) == {"__onednn_fusion"}
+  assert _fusions(reduce.lower(jnp.ones((512, 256))).compile().as_text()) == {"__ynn_fusion"}
 
 
 _DEVICES_SEEN = """
