@@ -123,7 +123,7 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   Xeon, measured side by side in one process (experiments/README.md, findings 9 and 12):
   - convolutions with XLA's own (Eigen) kernels ran the DDPM CIFAR-10 U-Net 1.16x faster forward
     (batch 4) and 1.57x faster forward and backward (batch 16);
-  - matmuls with oneDNN (the library PyTorch uses on CPU; linked into jaxlib, off by default),
+  - matmuls with oneDNN (Intel's library, linked into jaxlib but off by default),
     batched ones included, ran the DiT-S/2 train step at batch 16 about 1.15x faster (median of
     the paired ratios 0.87) with bitwise the same loss, and left the U-Net's step as it was.
   YNNPACK keeps the reductions.
@@ -133,6 +133,11 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   --xla_cpu_experimental_onednn_fusion_type=individual_dot`, to XLA_FLAGS, unless XLA_FLAGS
   already sets one of those fields. XLA reads XLA_FLAGS once, when JAX's backend starts, so this
   must run before the first computation. Only CPU compilations read these flags.
+
+  jaxlib 0.10 cannot serialise an executable with oneDNN fusions ("ToProto is not implemented
+  for thunk kind: onednn-fusion"), so with JAX's persistent compilation cache configured through
+  JAX_COMPILATION_CACHE_DIR the matmuls stay with YNNPACK and the cache keeps working. (A cache
+  configured later, in code, warns at each compile and caches nothing while oneDNN is on.)
 
   Args:
     machine: the processor architecture; None reads it from `platform.machine()`.
@@ -144,7 +149,9 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   if any(field in current for field in (_YNN_FUSION_FLAG, *_ONEDNN_FLAGS)):
     return False
   machine = platform.machine() if machine is None else machine
-  chosen = _ONEDNN_DOTS if machine.lower() in ("x86_64", "amd64") else _XLA_CPU_CONVOLUTIONS
+  onednn = (machine.lower() in ("x86_64", "amd64")
+            and not os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+  chosen = _ONEDNN_DOTS if onednn else _XLA_CPU_CONVOLUTIONS
   os.environ["XLA_FLAGS"] = " ".join([current, *chosen]).strip()
   return True
 

@@ -131,6 +131,7 @@ def test_keep_host_memory_only_when_jax_runs_on_cpu(monkeypatch):
     ("aarch64", ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"])])
 def test_choose_xla_cpu_kernels_appends_its_flags_once_and_keeps_a_users_choice(
     monkeypatch, machine, appended):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   assert cli.choose_xla_cpu_kernels(machine)
   assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
@@ -142,6 +143,43 @@ def test_choose_xla_cpu_kernels_appends_its_flags_once_and_keeps_a_users_choice(
     monkeypatch.setenv("XLA_FLAGS", users_choice)
     assert not cli.choose_xla_cpu_kernels(machine)
     assert os.environ["XLA_FLAGS"] == users_choice
+
+
+def test_choose_xla_cpu_kernels_keeps_ynnpack_matmuls_for_a_persistent_compilation_cache(
+    monkeypatch):
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/jax_cache")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert cli.choose_xla_cpu_kernels("x86_64")
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+_SERIALISE = """
+import sys
+from jaxdiff import cli
+cli.choose_xla_cpu_kernels()
+import jax, jax.numpy as jnp
+from jax.experimental import serialize_executable
+compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile()
+try:
+  serialize_executable.serialize(compiled)
+  print("serialised")
+except Exception as error:  # jaxlib's error for an executable it cannot write
+  print("not serialised:", str(error).splitlines()[0])
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="oneDNN dots are chosen on x86-64 only")
+@pytest.mark.parametrize("cache_dir, expected", [("", "not serialised"), ("set", "serialised")])
+def test_executables_serialise_for_the_compilation_cache_only_without_onednn(
+    tmp_path, cache_dir, expected):
+  # Why choose_xla_cpu_kernels leaves the matmuls to YNNPACK when the persistent cache is set: a
+  # oneDNN fusion cannot be written (if a jaxlib learns to, this test says so).
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path) if cache_dir else ""}
+  result = subprocess.run([sys.executable, "-c", _SERIALISE], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+  assert result.stdout.strip().split(":")[0] == expected, result.stdout + result.stderr[-2000:]
 
 
 def _fusions(hlo: str) -> set[str]:
