@@ -148,12 +148,17 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   current = os.environ.get("XLA_FLAGS", "")
   if any(field in current for field in (_YNN_FUSION_FLAG, *_ONEDNN_FLAGS)):
     return False
-  machine = platform.machine() if machine is None else machine
-  onednn = (machine.lower() in ("x86_64", "amd64")
-            and not os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+  onednn = is_x86_64(machine) and not os.environ.get("JAX_COMPILATION_CACHE_DIR")
   chosen = _ONEDNN_DOTS if onednn else _XLA_CPU_CONVOLUTIONS
   os.environ["XLA_FLAGS"] = " ".join([current, *chosen]).strip()
   return True
+
+
+def is_x86_64(machine: str | None = None) -> bool:
+  """Whether `machine` (default: this host's `platform.machine()`) is x86-64, where jaxlib is
+  built with oneDNN."""
+  machine = platform.machine() if machine is None else machine
+  return machine.lower() in ("x86_64", "amd64")
 
 
 def use_cpu_devices(count: int) -> bool:

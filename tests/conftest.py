@@ -1,5 +1,5 @@
-"""Test setup: 4 simulated CPU devices, the commands' XLA:CPU convolution setting
-(`jaxdiff.cli.choose_xla_cpu_kernels`) and full float32 matmul precision for every test.
+"""Test setup: 4 simulated CPU devices, the commands' choice of XLA:CPU convolution and matmul
+kernels (`jaxdiff.cli.choose_xla_cpu_kernels`) and full float32 matmul precision for every test.
 
 XLA_FLAGS must be set before JAX initialises its backends, so this runs at import time.
 Single-device checks build their mesh from `jax.devices()[:1]`.

@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -168,8 +167,7 @@ except Exception as error:  # jaxlib's error for an executable it cannot write
 """
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="oneDNN dots are chosen on x86-64 only")
+@pytest.mark.skipif(not cli.is_x86_64(), reason="oneDNN dots are chosen on x86-64 only")
 @pytest.mark.parametrize("cache_dir, expected", [("", "not serialised"), ("set", "serialised")])
 def test_executables_serialise_for_the_compilation_cache_only_without_onednn(
     tmp_path, cache_dir, expected):
@@ -186,8 +184,7 @@ def _fusions(hlo: str) -> set[str]:
   return set(re.findall(r'"(__(?:ynn|onednn)_fusion)"', hlo))
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="oneDNN dots are chosen on x86-64 only")
+@pytest.mark.skipif(not cli.is_x86_64(), reason="oneDNN dots are chosen on x86-64 only")
 def test_convolutions_compile_with_xla_matmuls_with_onednn_and_reductions_with_ynnpack():
   # conftest applies the commands' setting to this process; without it (the default), all three
   # would be YNNPACK fusions.
