@@ -7,8 +7,9 @@
 - `python -m jaxdiff.train` stopped by SIGTERM saves a checkpoint first and exits with 143.
 - On a CPU-only glibc host, every command keeps freed memory in the process
   (`keep_host_memory`); `JAXDIFF_HOST_MALLOC=system` opts out.
-- Every command compiles convolutions with XLA:CPU's own kernels rather than YNNPACK's and, on
-  x86-64, matmuls with oneDNN (`choose_xla_cpu_kernels`), unless XLA_FLAGS already chooses.
+- Every command compiles convolutions with XLA:CPU's own kernels rather than YNNPACK's
+  (`choose_xla_cpu_kernels`), unless XLA_FLAGS already chooses; `JAXDIFF_XLA_CPU_MATMULS=onednn`
+  opts in to oneDNN matmuls on x86-64.
 
 The options of sample and evaluate are a frozen dataclass whose fields carry their help text:
 `define_flags` derives the absl flags from it and `options_from_flags` turns the parsed flags back
@@ -37,6 +38,7 @@ EXIT_PREEMPTED = 143
 # default set (reduce, individual dot, individual convolution).
 _YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 _ONEDNN_FLAGS = ("xla_cpu_use_onednn", "xla_cpu_experimental_onednn_fusion_type")
+_MATMULS_VARIABLE = "JAXDIFF_XLA_CPU_MATMULS"
 _XLA_CPU_CONVOLUTIONS = (f"--{_YNN_FUSION_FLAG}=-individual_convolution",)
 _ONEDNN_DOTS = (f"--{_YNN_FUSION_FLAG}=-individual_convolution,-individual_dot",
                 "--xla_cpu_use_onednn=true",
@@ -122,22 +124,27 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   jax 0.10's XLA:CPU hands every convolution and every matmul to YNNPACK by default. On a 2-core
   Xeon, measured side by side in one process (experiments/README.md, findings 9 and 12):
   - convolutions with XLA's own (Eigen) kernels ran the DDPM CIFAR-10 U-Net 1.16x faster forward
-    (batch 4) and 1.57x faster forward and backward (batch 16);
-  - matmuls with oneDNN (Intel's library, linked into jaxlib but off by default),
-    batched ones included, ran the DiT-S/2 train step at batch 16 about 1.15x faster (median of
-    the paired ratios 0.87) with bitwise the same loss, and left the U-Net's step as it was.
-  YNNPACK keeps the reductions.
+    (batch 4) and 1.57x faster forward and backward (batch 16). Every command uses them.
+  - matmuls with oneDNN (Intel's library, linked into jaxlib but off by default), batched ones
+    included, ran the DiT-S/2 train step at batch 16 about 1.15x faster (median of the paired
+    ratios 0.87) with bitwise the same loss, and left the U-Net's step as it was. They are opt-in,
+    with `JAXDIFF_XLA_CPU_MATMULS=onednn`: XLA marks the oneDNN fusions experimental, and the one
+    CI run with them on by default lost a pytest worker to a crash that five full runs of the suite
+    on this workplace's machines did not reproduce (finding 12).
 
-  Appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` and, on x86-64 (where
-  jaxlib is built with oneDNN), `-individual_dot` with `--xla_cpu_use_onednn=true
-  --xla_cpu_experimental_onednn_fusion_type=individual_dot`, to XLA_FLAGS, unless XLA_FLAGS
-  already sets one of those fields. XLA reads XLA_FLAGS once, when JAX's backend starts, so this
-  must run before the first computation. Only CPU compilations read these flags.
+  Appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS or, with
+  oneDNN matmuls chosen on x86-64 (where jaxlib is built with oneDNN),
+  `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot
+  --xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=individual_dot`, unless
+  XLA_FLAGS already sets one of those fields. YNNPACK keeps the reductions. XLA reads XLA_FLAGS
+  once, when JAX's backend starts, so this must run before the first computation. Only CPU
+  compilations read these flags.
 
   jaxlib 0.10 cannot serialise an executable with oneDNN fusions ("ToProto is not implemented
   for thunk kind: onednn-fusion"), so with JAX's persistent compilation cache configured through
-  JAX_COMPILATION_CACHE_DIR the matmuls stay with YNNPACK and the cache keeps working. (A cache
-  configured later, in code, warns at each compile and caches nothing while oneDNN is on.)
+  JAX_COMPILATION_CACHE_DIR the matmuls stay with YNNPACK even when oneDNN is asked for.
+
+  A JAXDIFF_XLA_CPU_MATMULS other than `onednn` or `ynnpack` exits with `fail`'s one line.
 
   Args:
     machine: the processor architecture; None reads it from `platform.machine()`.
@@ -145,10 +152,15 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   Returns:
     Whether it appended the flags.
   """
+  matmuls = os.environ.get(_MATMULS_VARIABLE, "ynnpack")
+  if matmuls not in ("onednn", "ynnpack"):
+    fail(f"{_MATMULS_VARIABLE}={matmuls!r} is not a matmul library XLA:CPU can use: set it to "
+         "onednn or ynnpack (the default), or unset it")
   current = os.environ.get("XLA_FLAGS", "")
   if any(field in current for field in (_YNN_FUSION_FLAG, *_ONEDNN_FLAGS)):
     return False
-  onednn = is_x86_64(machine) and not os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  onednn = (matmuls == "onednn" and is_x86_64(machine)
+            and not os.environ.get("JAX_COMPILATION_CACHE_DIR"))
   chosen = _ONEDNN_DOTS if onednn else _XLA_CPU_CONVOLUTIONS
   os.environ["XLA_FLAGS"] = " ".join([current, *chosen]).strip()
   return True

@@ -1,13 +1,11 @@
 """jaxdiff.cli: the one convention of every command, and options derived from a dataclass."""
 
 import dataclasses
+import json
 import os
-import re
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
 from absl import flags
 
@@ -123,14 +121,22 @@ def test_keep_host_memory_only_when_jax_runs_on_cpu(monkeypatch):
   assert not cli.keep_host_memory()
 
 
-@pytest.mark.parametrize("machine, appended", [
-    ("x86_64", ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot",
-                "--xla_cpu_use_onednn=true",
-                "--xla_cpu_experimental_onednn_fusion_type=individual_dot"]),
-    ("aarch64", ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"])])
+_CONVOLUTIONS = ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+_ONEDNN = ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot",
+           "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_fusion_type=individual_dot"]
+
+
+@pytest.mark.parametrize("machine, matmuls, appended", [
+    ("x86_64", None, _CONVOLUTIONS), ("x86_64", "ynnpack", _CONVOLUTIONS),
+    ("x86_64", "onednn", _ONEDNN), ("AMD64", "onednn", _ONEDNN),
+    ("aarch64", "onednn", _CONVOLUTIONS)])
 def test_choose_xla_cpu_kernels_appends_its_flags_once_and_keeps_a_users_choice(
-    monkeypatch, machine, appended):
+    monkeypatch, machine, matmuls, appended):
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  if matmuls is None:
+    monkeypatch.delenv("JAXDIFF_XLA_CPU_MATMULS", raising=False)
+  else:
+    monkeypatch.setenv("JAXDIFF_XLA_CPU_MATMULS", matmuls)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   assert cli.choose_xla_cpu_kernels(machine)
   assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
@@ -146,10 +152,22 @@ def test_choose_xla_cpu_kernels_appends_its_flags_once_and_keeps_a_users_choice(
 
 def test_choose_xla_cpu_kernels_keeps_ynnpack_matmuls_for_a_persistent_compilation_cache(
     monkeypatch):
+  monkeypatch.setenv("JAXDIFF_XLA_CPU_MATMULS", "onednn")
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/jax_cache")
   monkeypatch.setenv("XLA_FLAGS", "")
   assert cli.choose_xla_cpu_kernels("x86_64")
-  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+  assert os.environ["XLA_FLAGS"].split() == _CONVOLUTIONS
+
+
+def test_choose_xla_cpu_kernels_names_a_bad_matmul_library_in_one_line(monkeypatch, capsys):
+  monkeypatch.setenv("JAXDIFF_XLA_CPU_MATMULS", "mkl")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.choose_xla_cpu_kernels("x86_64")
+  assert exit_info.value.code == cli.EXIT_ERROR
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "JAXDIFF_XLA_CPU_MATMULS='mkl'" in err and "onednn" in err
+  assert os.environ["XLA_FLAGS"] == ""
 
 
 _SERIALISE = """
@@ -173,32 +191,50 @@ def test_executables_serialise_for_the_compilation_cache_only_without_onednn(
     tmp_path, cache_dir, expected):
   # Why choose_xla_cpu_kernels leaves the matmuls to YNNPACK when the persistent cache is set: a
   # oneDNN fusion cannot be written (if a jaxlib learns to, this test says so).
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAXDIFF_XLA_CPU_MATMULS": "onednn",
          "JAX_COMPILATION_CACHE_DIR": str(tmp_path) if cache_dir else ""}
   result = subprocess.run([sys.executable, "-c", _SERIALISE], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
   assert result.stdout.strip().split(":")[0] == expected, result.stdout + result.stderr[-2000:]
 
 
-def _fusions(hlo: str) -> set[str]:
-  return set(re.findall(r'"(__(?:ynn|onednn)_fusion)"', hlo))
+_FUSIONS = """
+import json, re
+from jaxdiff import cli
+cli.choose_xla_cpu_kernels()
+import jax, jax.numpy as jnp
+programs = {
+    "convolution": (lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        (jnp.ones((4, 32, 32, 64)), jnp.ones((3, 3, 64, 64)))),
+    "matmul": (lambda a, b: a @ b, (jnp.ones((256, 256)), jnp.ones((256, 256)))),
+    "batched matmul": (lambda a, b: jnp.einsum("bts,bsd->btd", a, b),
+                       (jnp.ones((8, 64, 32)), jnp.ones((8, 32, 16)))),
+    "reduction": (lambda a: jnp.sum(a, axis=0), (jnp.ones((512, 256)),)),
+}
+kinds = {}
+for name, (fn, args) in programs.items():
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  found = sorted(set(re.findall(r'"__(ynn|onednn)_fusion"', hlo)))
+  kinds[name] = found or (["xla"] if "convolution(" in hlo else ["none"])
+print(json.dumps(kinds))
+"""
 
 
-@pytest.mark.skipif(not cli.is_x86_64(), reason="oneDNN dots are chosen on x86-64 only")
-def test_convolutions_compile_with_xla_matmuls_with_onednn_and_reductions_with_ynnpack():
-  # conftest applies the commands' setting to this process; without it (the default), all three
-  # would be YNNPACK fusions.
-  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  matmul = jax.jit(lambda a, b: a @ b)
-  batched = jax.jit(lambda a, b: jnp.einsum("bts,bsd->btd", a, b))
-  reduce = jax.jit(lambda a: jnp.sum(a, axis=0))
-  conv_hlo = conv.lower(jnp.ones((4, 32, 32, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
-  assert "convolution(" in conv_hlo and not _fusions(conv_hlo)
-  for fn, args in ((matmul, (jnp.ones((256, 256)), jnp.ones((256, 256)))),
-                   (batched, (jnp.ones((8, 64, 32)), jnp.ones((8, 32, 16))))):
-    assert _fusions(fn.lower(*args).compile().as_text()) == {"__onednn_fusion"}
-  assert _fusions(reduce.lower(jnp.ones((512, 256))).compile().as_text()) == {"__ynn_fusion"}
+@pytest.mark.parametrize("matmuls, matmul_kind", [
+    ("ynnpack", "ynn"),
+    pytest.param("onednn", "onednn", marks=pytest.mark.skipif(
+        not cli.is_x86_64(), reason="oneDNN matmuls are chosen on x86-64 only"))])
+def test_compiled_programs_use_xla_convolutions_and_the_chosen_matmul_library(
+    matmuls, matmul_kind):
+  # Without choose_xla_cpu_kernels (jax's default), all four would be YNNPACK fusions.
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAXDIFF_XLA_CPU_MATMULS": matmuls}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  result = subprocess.run([sys.executable, "-c", _FUSIONS], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+  assert json.loads(result.stdout) == {
+      "convolution": ["xla"], "matmul": [matmul_kind], "batched matmul": [matmul_kind],
+      "reduction": ["ynn"]}, result.stderr[-2000:]
 
 
 _DEVICES_SEEN = """
