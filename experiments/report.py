@@ -18,7 +18,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("results", "experiments/results", "Folder of bench_*.py JSON files.")
 
 TRAIN_COLUMNS = [
-    ("model", "model", ""), ("dtype", "dtype", ""), ("variant", "step", ""),
+    ("model", "model", ""), ("matmuls", "XLA:CPU matmuls", ""), ("dtype", "dtype", ""), ("variant", "step", ""),
     ("batch", "batch", "d"), ("params_m", "params (M)", ".1f"),
     ("compile_s", "compile (s)", ".0f"), ("step_s", "step (s)", ".2f"),
     ("images_per_s", "img/s", ".3f"), ("gflops_per_image", "train GFLOP/img", ".1f"),
@@ -28,7 +28,7 @@ TRAIN_COLUMNS = [
     ("torch_gflops_per_s", "torch GFLOP/s", ".0f"), ("ceiling", "ceiling", ".2f"),
     ("load", "load avg (1 min)", ".1f"), ("other_cpu", "others' cores", ".2f")]
 SAMPLE_COLUMNS = [
-    ("model", "model", ""), ("sampler", "sampler", ""), ("batch", "batch", "d"),
+    ("model", "model", ""), ("matmuls", "XLA:CPU matmuls", ""), ("sampler", "sampler", ""), ("batch", "batch", "d"),
     ("compile_s", "compile (s)", ".0f"), ("sample_s", "jax (s)", ".1f"),
     ("images_per_s", "jax img/s", ".4f"), ("overhead", "jax overhead", ".1%"),
     ("torch_sample_s", "torch (s)", ".1f"), ("torch_images_per_s", "torch img/s", ".4f"),
@@ -53,6 +53,15 @@ def _load(pattern: str) -> list[dict]:
   return payloads
 
 
+def matmul_library(machine: dict) -> str:
+  """The library XLA:CPU ran a result's matmuls with, read from its recorded XLA_FLAGS
+  (`jaxdiff.cli.choose_xla_cpu_kernels`): "oneDNN", "YNNPACK" (jax 0.10's default), or "-" for
+  an accelerator or a result that did not record its flags."""
+  if machine.get("platform") != "cpu" or "xla_flags" not in machine:
+    return "-"
+  return "oneDNN" if "--xla_cpu_use_onednn=true" in machine["xla_flags"] else "YNNPACK"
+
+
 def train_rows(payloads: list[dict]) -> list[dict]:
   rows = []
   for payload in payloads:
@@ -60,6 +69,7 @@ def train_rows(payloads: list[dict]) -> list[dict]:
       peak = payload["peak_matmul"][record["dtype"]]["peak_flops_per_s"]
       memory = record["memory"].get("device_peak_bytes", record["memory"].get("xla_step_bytes"))
       rows.append({**record, "variant": record.get("variant", "cli"),
+                   "matmuls": matmul_library(payload["machine"]),
                    "achieved_gflops": record["achieved_tflops"] * 1e3, "peak_gflops": peak / 1e9,
                    "step_gib": memory / 2**30, "load": record["loadavg"][0],
                    "other_cpu": record["timing"].get("other_cpu")})
@@ -81,7 +91,8 @@ def main(argv):
   for scan in scans:
     print(f"\n{scan['model']} float32 step compile with scan_blocks=True: "
           f"{scan['lower_and_compile_s']:.0f} s")
-  rows = [{**r, "load": r["loadavg"][0], "other_cpu": r["sample_timing"].get("other_cpu")}
+  rows = [{**r, "matmuls": matmul_library(payload["machine"]), "load": r["loadavg"][0],
+           "other_cpu": r["sample_timing"].get("other_cpu")}
           for payload in sample for r in payload["records"]]
   print("\n" + common.format_table(rows, SAMPLE_COLUMNS))
 

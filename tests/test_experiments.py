@@ -197,3 +197,17 @@ def test_score_digits_refuses_missing_files_and_arrays(tmp_path):
   np.savez(wrong, images=np.zeros((2, 32, 32, 1), np.uint8))
   with pytest.raises(ValueError, match="no arr_0"):
     score_digits.score_file(None, wrong)
+
+
+@pytest.mark.parametrize("machine, expected", [
+    ({"platform": "cpu", "xla_flags": "--xla_cpu_experimental_ynn_fusion_type="
+      "-individual_convolution,-individual_dot --xla_cpu_use_onednn=true "
+      "--xla_cpu_experimental_onednn_fusion_type=individual_dot"}, "oneDNN"),
+    ({"platform": "cpu",
+      "xla_flags": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"}, "YNNPACK"),
+    ({"platform": "cpu", "xla_flags": "--xla_cpu_use_onednn=false"}, "YNNPACK"),
+    ({"platform": "cpu"}, "-"),  # results from before the flags were recorded
+    ({"platform": "gpu", "xla_flags": ""}, "-")])
+def test_report_names_the_matmul_library_from_the_recorded_xla_flags(machine, expected):
+  from experiments import report  # pylint: disable=import-outside-toplevel
+  assert report.matmul_library(machine) == expected
