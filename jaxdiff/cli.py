@@ -129,7 +129,7 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
     included, ran the DiT-S/2 train step at batch 16 about 1.15x faster (median of the paired
     ratios 0.87) with bitwise the same loss, and left the U-Net's step as it was. They are opt-in,
     with `JAXDIFF_XLA_CPU_MATMULS=onednn`: XLA marks the oneDNN fusions experimental, and the one
-    CI run with them on by default lost a pytest worker to a crash that five full runs of the suite
+    CI run with them on by default lost a pytest worker to a crash that six full runs of the suite
     on this workplace's machines did not reproduce (finding 12).
 
   Appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS or, with
