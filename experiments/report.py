@@ -18,7 +18,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("results", "experiments/results", "Folder of bench_*.py JSON files.")
 
 TRAIN_COLUMNS = [
-    ("model", "model", ""), ("matmuls", "XLA:CPU matmuls", ""), ("dtype", "dtype", ""), ("variant", "step", ""),
+    ("model", "model", ""), ("matmuls", "XLA:CPU matmuls", ""), ("dtype", "dtype", ""),
+    ("variant", "step", ""),
     ("batch", "batch", "d"), ("params_m", "params (M)", ".1f"),
     ("compile_s", "compile (s)", ".0f"), ("step_s", "step (s)", ".2f"),
     ("images_per_s", "img/s", ".3f"), ("gflops_per_image", "train GFLOP/img", ".1f"),
@@ -28,7 +29,8 @@ TRAIN_COLUMNS = [
     ("torch_gflops_per_s", "torch GFLOP/s", ".0f"), ("ceiling", "ceiling", ".2f"),
     ("load", "load avg (1 min)", ".1f"), ("other_cpu", "others' cores", ".2f")]
 SAMPLE_COLUMNS = [
-    ("model", "model", ""), ("matmuls", "XLA:CPU matmuls", ""), ("sampler", "sampler", ""), ("batch", "batch", "d"),
+    ("model", "model", ""), ("matmuls", "XLA:CPU matmuls", ""), ("sampler", "sampler", ""),
+    ("batch", "batch", "d"),
     ("compile_s", "compile (s)", ".0f"), ("sample_s", "jax (s)", ".1f"),
     ("images_per_s", "jax img/s", ".4f"), ("overhead", "jax overhead", ".1%"),
     ("torch_sample_s", "torch (s)", ".1f"), ("torch_images_per_s", "torch img/s", ".4f"),

@@ -95,10 +95,21 @@ print(applied, sorted(faults)[4])  # the median call
 """
 
 
+def _run_python(script: str, *args: str, **env: str | None) -> subprocess.CompletedProcess:
+  """Runs `script` in a fresh CPU-only Python whose environment is this one's with `env` applied
+  (None unsets a variable), so its JAX starts with the settings under test."""
+  environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  for name, value in env.items():
+    if value is None:
+      environment.pop(name, None)
+    else:
+      environment[name] = value
+  return subprocess.run([sys.executable, "-c", script, *args], env=environment,
+                        capture_output=True, text=True, timeout=120, check=True)
+
+
 def _faults_per_call(**env_overrides):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **env_overrides}
-  out = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
+  out = _run_python(_FAULTS_PER_CALL, **env_overrides).stdout.split()
   return out[0] == "True", float(out[1])
 
 
@@ -191,10 +202,8 @@ def test_executables_serialise_for_the_compilation_cache_only_without_onednn(
     tmp_path, cache_dir, expected):
   # Why choose_xla_cpu_kernels leaves the matmuls to YNNPACK when the persistent cache is set: a
   # oneDNN fusion cannot be written (if a jaxlib learns to, this test says so).
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAXDIFF_XLA_CPU_MATMULS": "onednn",
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path) if cache_dir else ""}
-  result = subprocess.run([sys.executable, "-c", _SERIALISE], env=env, capture_output=True,
-                          text=True, timeout=120, check=True)
+  result = _run_python(_SERIALISE, XLA_FLAGS="", JAXDIFF_XLA_CPU_MATMULS="onednn",
+                       JAX_COMPILATION_CACHE_DIR=str(tmp_path) if cache_dir else "")
   assert result.stdout.strip().split(":")[0] == expected, result.stdout + result.stderr[-2000:]
 
 
@@ -228,10 +237,8 @@ print(json.dumps(kinds))
 def test_compiled_programs_use_xla_convolutions_and_the_chosen_matmul_library(
     matmuls, matmul_kind):
   # Without choose_xla_cpu_kernels (jax's default), all four would be YNNPACK fusions.
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAXDIFF_XLA_CPU_MATMULS": matmuls}
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  result = subprocess.run([sys.executable, "-c", _FUSIONS], env=env, capture_output=True,
-                          text=True, timeout=120, check=True)
+  result = _run_python(_FUSIONS, XLA_FLAGS="", JAXDIFF_XLA_CPU_MATMULS=matmuls,
+                       JAX_COMPILATION_CACHE_DIR=None)
   assert json.loads(result.stdout) == {
       "convolution": ["xla"], "matmul": [matmul_kind], "batched matmul": [matmul_kind],
       "reduction": ["ynn"]}, result.stderr[-2000:]
@@ -252,7 +259,5 @@ print(applied, jax.device_count(), cli.use_cpu_devices(3))
     (2, "--xla_force_host_platform_device_count=3", "False 3 False"),  # the user's flag wins
 ])
 def test_use_cpu_devices_splits_the_host_before_jax_starts(count, xla_flags, expected):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
-  out = subprocess.run([sys.executable, "-c", _DEVICES_SEEN, str(count)], env=env, check=True,
-                       capture_output=True, text=True).stdout.strip()
+  out = _run_python(_DEVICES_SEEN, str(count), XLA_FLAGS=xla_flags).stdout.strip()
   assert out == expected
