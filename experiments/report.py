@@ -6,6 +6,7 @@
 import glob
 import json
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -57,11 +58,15 @@ def _load(pattern: str) -> list[dict]:
 
 def matmul_library(machine: dict) -> str:
   """The library XLA:CPU ran a result's matmuls with, read from its recorded XLA_FLAGS
-  (`jaxdiff.cli.choose_xla_cpu_kernels`): "oneDNN", "YNNPACK" (jax 0.10's default), or "-" for
-  an accelerator or a result that did not record its flags."""
+  (`jaxdiff.cli.choose_xla_cpu_kernels`): "oneDNN", "XLA" (its own, with `individual_dot` taken
+  from YNNPACK's fusions), "YNNPACK" (jax 0.10's default), or "-" for an accelerator or a result
+  that did not record its flags."""
   if machine.get("platform") != "cpu" or "xla_flags" not in machine:
     return "-"
-  return "oneDNN" if "--xla_cpu_use_onednn=true" in machine["xla_flags"] else "YNNPACK"
+  flags = machine["xla_flags"]
+  if "--xla_cpu_use_onednn=true" in flags:
+    return "oneDNN"
+  return "XLA" if re.search(r"ynn_fusion_type=\S*-individual_dot", flags) else "YNNPACK"
 
 
 def train_rows(payloads: list[dict]) -> list[dict]:

@@ -7,9 +7,10 @@
 - `python -m jaxdiff.train` stopped by SIGTERM saves a checkpoint first and exits with 143.
 - On a CPU-only glibc host, every command keeps freed memory in the process
   (`keep_host_memory`); `JAXDIFF_HOST_MALLOC=system` opts out.
-- Every command compiles convolutions with XLA:CPU's own kernels rather than YNNPACK's
-  (`choose_xla_cpu_kernels`), unless XLA_FLAGS already chooses; `JAXDIFF_XLA_CPU_MATMULS=onednn`
-  opts in to oneDNN matmuls on x86-64.
+- Every command compiles convolutions and matmuls with XLA:CPU's own kernels rather than
+  YNNPACK's (`choose_xla_cpu_kernels`), unless XLA_FLAGS already chooses;
+  `JAXDIFF_XLA_CPU_MATMULS=ynnpack` gives the matmuls back to YNNPACK and `onednn` opts in to
+  oneDNN matmuls on x86-64.
 
 The options of sample and evaluate are a frozen dataclass whose fields carry their help text:
 `define_flags` derives the absl flags from it and `options_from_flags` turns the parsed flags back
@@ -39,10 +40,14 @@ EXIT_PREEMPTED = 143
 _YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 _ONEDNN_FLAGS = ("xla_cpu_use_onednn", "xla_cpu_experimental_onednn_fusion_type")
 _MATMULS_VARIABLE = "JAXDIFF_XLA_CPU_MATMULS"
-_XLA_CPU_CONVOLUTIONS = (f"--{_YNN_FUSION_FLAG}=-individual_convolution",)
-_ONEDNN_DOTS = (f"--{_YNN_FUSION_FLAG}=-individual_convolution,-individual_dot",
-                "--xla_cpu_use_onednn=true",
-                "--xla_cpu_experimental_onednn_fusion_type=individual_dot")
+_XLA_CPU_DOTS = f"--{_YNN_FUSION_FLAG}=-individual_convolution,-individual_dot"
+# JAXDIFF_XLA_CPU_MATMULS -> the XLA flags it appends; the first is the default.
+_MATMUL_FLAGS = {
+    "xla": (_XLA_CPU_DOTS,),
+    "ynnpack": (f"--{_YNN_FUSION_FLAG}=-individual_convolution",),
+    "onednn": (_XLA_CPU_DOTS, "--xla_cpu_use_onednn=true",
+               "--xla_cpu_experimental_onednn_fusion_type=individual_dot"),
+}
 
 # glibc mallopt(3) parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -121,30 +126,31 @@ def keep_host_memory() -> bool:
 def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   """Chooses the libraries XLA:CPU compiles convolutions and matmuls with.
 
-  jax 0.10's XLA:CPU hands every convolution and every matmul to YNNPACK by default. On a 2-core
-  Xeon, measured side by side in one process (experiments/README.md, findings 9 and 12):
+  jax 0.10's XLA:CPU hands every convolution and every matmul to YNNPACK by default. Measured side
+  by side in one process on 2-core machines (experiments/README.md, findings 9, 12 and 13):
   - convolutions with XLA's own (Eigen) kernels ran the DDPM CIFAR-10 U-Net 1.16x faster forward
-    (batch 4) and 1.57x faster forward and backward (batch 16). Every command uses them.
-  - matmuls with oneDNN (Intel's library, linked into jaxlib but off by default), batched ones
-    included, ran the DiT-S/2 train step at batch 16 about 1.15x faster (median of the paired
-    ratios 0.87) with bitwise the same loss, and left the U-Net's step as it was. They are opt-in,
-    with `JAXDIFF_XLA_CPU_MATMULS=onednn`: XLA marks the oneDNN fusions experimental, and the one
-    CI run with them on by default lost a pytest worker to a crash that six full runs of the suite
-    on this workplace's machines did not reproduce (finding 12).
+    (batch 4) and 1.57x faster forward and backward (batch 16) on a Xeon. Every command uses them.
+  - matmuls with XLA's own kernels too (`JAXDIFF_XLA_CPU_MATMULS=xla`, the default) ran the
+    DiT-S/2 train step 1.09-1.10x faster than YNNPACK's at batch 16 and 32 on an AMD EPYC (Zen 4),
+    left the DDPM U-Net's step as it was, and made the offline default's 0.28M-parameter U-Net
+    slower (its matmuls are small; 500 steps in 72-82 s against 67-70 s). `ynnpack` gives the
+    matmuls back to YNNPACK.
+  - matmuls with oneDNN (`onednn`, x86-64 only; Intel's library, linked into jaxlib but off by
+    default) ran the DiT-S/2 step about 1.15x faster than YNNPACK's on a Xeon. They are opt-in:
+    XLA marks the oneDNN fusions experimental, and the one CI run with them on by default lost a
+    pytest worker to a crash that six full runs of the suite here did not reproduce (finding 12).
+  YNNPACK keeps the reductions in every setting.
 
-  Appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS or, with
-  oneDNN matmuls chosen on x86-64 (where jaxlib is built with oneDNN),
-  `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot
-  --xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=individual_dot`, unless
-  XLA_FLAGS already sets one of those fields. YNNPACK keeps the reductions. XLA reads XLA_FLAGS
-  once, when JAX's backend starts, so this must run before the first computation. Only CPU
-  compilations read these flags.
+  Appends `_MATMUL_FLAGS[JAXDIFF_XLA_CPU_MATMULS or "xla"]` to XLA_FLAGS, unless XLA_FLAGS
+  already sets one of those fields. XLA reads XLA_FLAGS once, when JAX's backend starts, so this
+  must run before the first computation. Only CPU compilations read these flags.
 
   jaxlib 0.10 cannot serialise an executable with oneDNN fusions ("ToProto is not implemented
-  for thunk kind: onednn-fusion"), so with JAX's persistent compilation cache configured through
-  JAX_COMPILATION_CACHE_DIR the matmuls stay with YNNPACK even when oneDNN is asked for.
+  for thunk kind: onednn-fusion"), so where oneDNN cannot be used (not x86-64, or JAX's
+  persistent compilation cache configured through JAX_COMPILATION_CACHE_DIR) `onednn` falls back
+  to the default.
 
-  A JAXDIFF_XLA_CPU_MATMULS other than `onednn` or `ynnpack` exits with `fail`'s one line.
+  A JAXDIFF_XLA_CPU_MATMULS not in `_MATMUL_FLAGS` exits with `fail`'s one line.
 
   Args:
     machine: the processor architecture; None reads it from `platform.machine()`.
@@ -152,17 +158,18 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   Returns:
     Whether it appended the flags.
   """
-  matmuls = os.environ.get(_MATMULS_VARIABLE, "ynnpack")
-  if matmuls not in ("onednn", "ynnpack"):
+  default = next(iter(_MATMUL_FLAGS))
+  matmuls = os.environ.get(_MATMULS_VARIABLE, default)
+  if matmuls not in _MATMUL_FLAGS:
     fail(f"{_MATMULS_VARIABLE}={matmuls!r} is not a matmul library XLA:CPU can use: set it to "
-         "onednn or ynnpack (the default), or unset it")
+         f"{', '.join(_MATMUL_FLAGS)} ({default}, the default), or unset it")
   current = os.environ.get("XLA_FLAGS", "")
   if any(field in current for field in (_YNN_FUSION_FLAG, *_ONEDNN_FLAGS)):
     return False
-  onednn = (matmuls == "onednn" and is_x86_64(machine)
-            and not os.environ.get("JAX_COMPILATION_CACHE_DIR"))
-  chosen = _ONEDNN_DOTS if onednn else _XLA_CPU_CONVOLUTIONS
-  os.environ["XLA_FLAGS"] = " ".join([current, *chosen]).strip()
+  if matmuls == "onednn" and (not is_x86_64(machine)
+                              or os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+    matmuls = default
+  os.environ["XLA_FLAGS"] = " ".join([current, *_MATMUL_FLAGS[matmuls]]).strip()
   return True
 
 

@@ -132,15 +132,16 @@ def test_keep_host_memory_only_when_jax_runs_on_cpu(monkeypatch):
   assert not cli.keep_host_memory()
 
 
-_CONVOLUTIONS = ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
-_ONEDNN = ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot",
-           "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_fusion_type=individual_dot"]
+_XLA_DOTS = ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"]
+_YNNPACK_DOTS = ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+_ONEDNN = [*_XLA_DOTS, "--xla_cpu_use_onednn=true",
+           "--xla_cpu_experimental_onednn_fusion_type=individual_dot"]
 
 
 @pytest.mark.parametrize("machine, matmuls, appended", [
-    ("x86_64", None, _CONVOLUTIONS), ("x86_64", "ynnpack", _CONVOLUTIONS),
-    ("x86_64", "onednn", _ONEDNN), ("AMD64", "onednn", _ONEDNN),
-    ("aarch64", "onednn", _CONVOLUTIONS)])
+    ("x86_64", None, _XLA_DOTS), ("aarch64", None, _XLA_DOTS), ("x86_64", "xla", _XLA_DOTS),
+    ("x86_64", "ynnpack", _YNNPACK_DOTS), ("x86_64", "onednn", _ONEDNN),
+    ("AMD64", "onednn", _ONEDNN), ("aarch64", "onednn", _XLA_DOTS)])
 def test_choose_xla_cpu_kernels_appends_its_flags_once_and_keeps_a_users_choice(
     monkeypatch, machine, matmuls, appended):
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
@@ -161,13 +162,13 @@ def test_choose_xla_cpu_kernels_appends_its_flags_once_and_keeps_a_users_choice(
     assert os.environ["XLA_FLAGS"] == users_choice
 
 
-def test_choose_xla_cpu_kernels_keeps_ynnpack_matmuls_for_a_persistent_compilation_cache(
+def test_choose_xla_cpu_kernels_keeps_the_default_matmuls_for_a_persistent_compilation_cache(
     monkeypatch):
   monkeypatch.setenv("JAXDIFF_XLA_CPU_MATMULS", "onednn")
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/jax_cache")
   monkeypatch.setenv("XLA_FLAGS", "")
   assert cli.choose_xla_cpu_kernels("x86_64")
-  assert os.environ["XLA_FLAGS"].split() == _CONVOLUTIONS
+  assert os.environ["XLA_FLAGS"].split() == _XLA_DOTS
 
 
 def test_choose_xla_cpu_kernels_names_a_bad_matmul_library_in_one_line(monkeypatch, capsys):
@@ -177,7 +178,8 @@ def test_choose_xla_cpu_kernels_names_a_bad_matmul_library_in_one_line(monkeypat
     cli.choose_xla_cpu_kernels("x86_64")
   assert exit_info.value.code == cli.EXIT_ERROR
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "JAXDIFF_XLA_CPU_MATMULS='mkl'" in err and "onednn" in err
+  assert err.count("\n") == 1 and "JAXDIFF_XLA_CPU_MATMULS='mkl'" in err
+  assert all(name in err for name in ("xla", "ynnpack", "onednn"))
   assert os.environ["XLA_FLAGS"] == ""
 
 
@@ -200,8 +202,8 @@ except Exception as error:  # jaxlib's error for an executable it cannot write
 @pytest.mark.parametrize("cache_dir, expected", [("", "not serialised"), ("set", "serialised")])
 def test_executables_serialise_for_the_compilation_cache_only_without_onednn(
     tmp_path, cache_dir, expected):
-  # Why choose_xla_cpu_kernels leaves the matmuls to YNNPACK when the persistent cache is set: a
-  # oneDNN fusion cannot be written (if a jaxlib learns to, this test says so).
+  # Why choose_xla_cpu_kernels falls back to the default matmuls when the persistent cache is
+  # set: a oneDNN fusion cannot be written (if a jaxlib learns to, this test says so).
   result = _run_python(_SERIALISE, XLA_FLAGS="", JAXDIFF_XLA_CPU_MATMULS="onednn",
                        JAX_COMPILATION_CACHE_DIR=str(tmp_path) if cache_dir else "")
   assert result.stdout.strip().split(":")[0] == expected, result.stdout + result.stderr[-2000:]
@@ -225,13 +227,13 @@ kinds = {}
 for name, (fn, args) in programs.items():
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   found = sorted(set(re.findall(r'"__(ynn|onednn)_fusion"', hlo)))
-  kinds[name] = found or (["xla"] if "convolution(" in hlo else ["none"])
+  kinds[name] = found or (["xla"] if re.search(r" (convolution|dot)[(]", hlo) else ["none"])
 print(json.dumps(kinds))
 """
 
 
 @pytest.mark.parametrize("matmuls, matmul_kind", [
-    ("ynnpack", "ynn"),
+    (None, "xla"), ("ynnpack", "ynn"),
     pytest.param("onednn", "onednn", marks=pytest.mark.skipif(
         not cli.is_x86_64(), reason="oneDNN matmuls are chosen on x86-64 only"))])
 def test_compiled_programs_use_xla_convolutions_and_the_chosen_matmul_library(

@@ -203,6 +203,8 @@ def test_score_digits_refuses_missing_files_and_arrays(tmp_path):
     ({"platform": "cpu", "xla_flags": "--xla_cpu_experimental_ynn_fusion_type="
       "-individual_convolution,-individual_dot --xla_cpu_use_onednn=true "
       "--xla_cpu_experimental_onednn_fusion_type=individual_dot"}, "oneDNN"),
+    ({"platform": "cpu", "xla_flags": "--xla_cpu_experimental_ynn_fusion_type="
+      "-individual_convolution,-individual_dot"}, "XLA"),
     ({"platform": "cpu",
       "xla_flags": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"}, "YNNPACK"),
     ({"platform": "cpu", "xla_flags": "--xla_cpu_use_onednn=false"}, "YNNPACK"),
