@@ -500,9 +500,9 @@ def _json_default(value):
 def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)`, turning NotQuiet into one `error:` line and exit status 2.
 
-  Applies `jaxdiff.cli.prepare_process` first (host memory kept, XLA's own convolutions), as
-  every jaxdiff command does (so on CPU a PyTorch reference timed in the same process runs with
-  the same malloc settings, and jaxdiff with the commands' XLA flags).
+  Applies `jaxdiff.cli.prepare_process` first (host memory kept, XLA's own convolutions and
+  matmuls), as every jaxdiff command does (so on CPU a PyTorch reference timed in the same process
+  runs with the same malloc settings, and jaxdiff with the commands' XLA flags).
   """
   from absl import app  # pylint: disable=import-outside-toplevel
   from jaxdiff import cli  # pylint: disable=import-outside-toplevel

@@ -41,7 +41,8 @@ _YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 _ONEDNN_FLAGS = ("xla_cpu_use_onednn", "xla_cpu_experimental_onednn_fusion_type")
 _MATMULS_VARIABLE = "JAXDIFF_XLA_CPU_MATMULS"
 _XLA_CPU_DOTS = f"--{_YNN_FUSION_FLAG}=-individual_convolution,-individual_dot"
-# JAXDIFF_XLA_CPU_MATMULS -> the XLA flags it appends; the first is the default.
+# JAXDIFF_XLA_CPU_MATMULS -> the XLA flags it appends.
+_DEFAULT_MATMULS = "xla"
 _MATMUL_FLAGS = {
     "xla": (_XLA_CPU_DOTS,),
     "ynnpack": (f"--{_YNN_FUSION_FLAG}=-individual_convolution",),
@@ -141,7 +142,7 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
     pytest worker to a crash that six full runs of the suite here did not reproduce (finding 12).
   YNNPACK keeps the reductions in every setting.
 
-  Appends `_MATMUL_FLAGS[JAXDIFF_XLA_CPU_MATMULS or "xla"]` to XLA_FLAGS, unless XLA_FLAGS
+  Appends `_MATMUL_FLAGS[JAXDIFF_XLA_CPU_MATMULS or _DEFAULT_MATMULS]` to XLA_FLAGS, unless XLA_FLAGS
   already sets one of those fields. XLA reads XLA_FLAGS once, when JAX's backend starts, so this
   must run before the first computation. Only CPU compilations read these flags.
 
@@ -158,17 +159,16 @@ def choose_xla_cpu_kernels(machine: str | None = None) -> bool:
   Returns:
     Whether it appended the flags.
   """
-  default = next(iter(_MATMUL_FLAGS))
-  matmuls = os.environ.get(_MATMULS_VARIABLE, default)
+  matmuls = os.environ.get(_MATMULS_VARIABLE, _DEFAULT_MATMULS)
   if matmuls not in _MATMUL_FLAGS:
     fail(f"{_MATMULS_VARIABLE}={matmuls!r} is not a matmul library XLA:CPU can use: set it to "
-         f"{', '.join(_MATMUL_FLAGS)} ({default}, the default), or unset it")
+         f"{', '.join(_MATMUL_FLAGS)} ({_DEFAULT_MATMULS}, the default), or unset it")
   current = os.environ.get("XLA_FLAGS", "")
   if any(field in current for field in (_YNN_FUSION_FLAG, *_ONEDNN_FLAGS)):
     return False
   if matmuls == "onednn" and (not is_x86_64(machine)
                               or os.environ.get("JAX_COMPILATION_CACHE_DIR")):
-    matmuls = default
+    matmuls = _DEFAULT_MATMULS
   os.environ["XLA_FLAGS"] = " ".join([current, *_MATMUL_FLAGS[matmuls]]).strip()
   return True
 
