@@ -65,6 +65,31 @@ _MATMUL_PRIMITIVES = ("dot_general", "conv_general_dilated")
 _HOST_MEMORY_KEPT = None
 
 
+def processor(cpuinfo: str | None = None) -> str | None:
+  """The processor, as "model name (vendor, family F model M), AVX-512: yes|no", from the first
+  block of /proc/cpuinfo (or of `cpuinfo`, its text); None where there is no such file.
+
+  Benchmarks record it because the machines lent to this project differ from one session to the
+  next (an Intel Xeon, an AMD EPYC of two generations), and XLA's and PyTorch's kernels rank
+  differently on each (experiments/README.md, findings 13 and 14).
+  """
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return None
+  fields = {}
+  for line in cpuinfo.split("\n\n")[0].splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  if "model name" not in fields:
+    return None
+  avx512 = "yes" if "avx512f" in fields.get("flags", "").split() else "no"
+  return (f"{fields['model name']} ({fields.get('vendor_id', '?')}, family "
+          f"{fields.get('cpu family', '?')} model {fields.get('model', '?')}), AVX-512: {avx512}")
+
+
 def machine_info() -> dict:
   """Describes the machine and the software, for the JSON record."""
   device = jax.devices()[0]
@@ -75,6 +100,7 @@ def machine_info() -> dict:
       "device_count": jax.device_count(),
       "cpu_count": os.cpu_count(),
       "cpu": platform.processor() or platform.machine(),
+      "processor": processor(),
       "python": sys.version.split()[0],
       "jax": jax.__version__,
       "loadavg_start": os.getloadavg(),

@@ -90,7 +90,8 @@ def main(argv):
   for payload in train + sample:
     machine = payload["machine"]
     print(f"- {payload['benchmark']}: {machine['device_count']} x {machine['device_kind']} "
-          f"({machine['cpu_count']} CPUs), {machine['date']}, jax {machine['jax']}, "
+          f"({machine['cpu_count']} CPUs; {machine.get('processor') or 'processor not recorded'}), "
+          f"{machine['date']}, jax {machine['jax']}, "
           f"torch {machine.get('torch')}, load {machine['loadavg_start'][0]:.1f} -> "
           f"{payload['loadavg_end'][0]:.1f}")
   print("\n" + common.format_table(train_rows(train), TRAIN_COLUMNS))

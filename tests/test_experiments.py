@@ -167,6 +167,40 @@ def test_machine_busy_seconds_grows_with_our_own_work():
   assert common.machine_busy_seconds() - before >= 0.25  # at least our own 0.3 s, up to a tick
 
 
+_CPUINFO_TWO_PROCESSORS = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse avx avx2 fma avx512bw
+bogomips\t: 4890.86
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: another processor
+flags\t\t: fpu avx512f
+"""
+
+
+def test_processor_is_read_from_the_first_cpuinfo_block():
+  # avx512bw alone is not AVX-512 Foundation; the second block's avx512f must not leak in.
+  assert common.processor(_CPUINFO_TWO_PROCESSORS) == (
+      "AMD EPYC (AuthenticAMD, family 25 model 1), AVX-512: no")
+  with_avx512 = _CPUINFO_TWO_PROCESSORS.replace("avx512bw", "avx512f avx512bw", 1)
+  assert common.processor(with_avx512).endswith("AVX-512: yes")
+  assert common.processor("processor\t: 0\nfeatures\t: fp asimd\n") is None  # no model name
+
+
+def test_machine_info_records_this_processor():
+  info = common.machine_info()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+    assert info["processor"] == common.processor(text)
+  else:
+    assert info["processor"] is None
+
+
 def test_time_side_by_side_alternates_the_calls():
   order = []
   calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
